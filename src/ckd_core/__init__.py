@@ -6,6 +6,7 @@
 """
 
 from ckd_core import functional
+from ckd_core.budget import TeacherBudget, TeacherBudgetExceeded
 from ckd_core.losses import ComparativeLoss, DISTLoss, KDLoss, ProjectedRKDLoss, RKDLoss
 
 __version__ = "0.1.0"
@@ -16,5 +17,7 @@ __all__ = [
     "KDLoss",
     "ProjectedRKDLoss",
     "RKDLoss",
+    "TeacherBudget",
+    "TeacherBudgetExceeded",
     "functional",
 ]
