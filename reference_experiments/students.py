@@ -1,0 +1,510 @@
+"""Students under a teacher-call budget: the paper's protocol (issue 3, section 5).
+
+One run (:func:`run_student`):
+
+1. Draw a seeded subset of ``budget`` = n training images; 80% train, 20%
+   validation. The teacher is queried **once per training image** through a
+   :class:`ckd_core.TeacherBudget` (the validation split is never sent), on
+   the clean centre-cropped image (``teacher_view="clean"``) or on one random
+   augmentation, cached (``"augmented-once"``, the official behaviour).
+   Logits and the features white-box methods need come from the same call.
+   ``teacher_calls`` in the result is measured by the budget object.
+2. Train the student with :mod:`reference_experiments.methods` on fresh
+   augmentations every step, against the cached teacher outputs.
+3. Preset ``paper``: SGD (momentum 0.9, wd 5e-4), batch 64 (64 pairs for
+   pairwise methods), evaluate on validation every epoch (ceil(train/64)
+   steps), early stopping with patience 50 epochs, then reload the best
+   checkpoint and decay the lr x0.1, at most 3 decays, at most 1000 epochs;
+   ``lr=None`` tries 0.1, 0.05, 0.025 and keeps the best on validation.
+   Preset ``fast``: a fixed cosine schedule of 30 epochs (lr 0.05 by
+   default), best-validation checkpoint. Either way the reported test
+   accuracy is that of the best-validation checkpoint.
+
+GPU hot loop: images (uint8), labels and cached teacher outputs live on the
+device; augmentation is batched on the device; all randomness comes from a
+device generator; the only host syncs are once per epoch (validation, the
+non-finite-loss check, timing). On CUDA the student runs channels-last under
+bf16 autocast (losses in float32).
+
+Sharing a GPU between runs: a step is ``sample -> augment -> inputs ->
+forward -> loss`` where everything random is drawn up front
+(``Method.sample``) and the rest (:func:`step_loss`) is a pure function of
+(parameters, buffers, batch tensors). :func:`run_students` stacks runs of
+the same dataset / student / method / batch size with ``torch.func``
+(``stack_module_state`` + ``functional_call`` + ``vmap(grad(...))``) and
+takes one SGD step for all of them (``fast`` preset only).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ckd_torch  # noqa: F401  (selects keras' torch backend before ckd_core imports keras)
+import numpy as np
+import torch
+from torch import nn
+
+from ckd_core import TeacherBudget
+from reference_experiments.methods import Batch, Method, MethodSpec, build_method, parse_method
+
+__all__ = [
+    "PAPER_LRS",
+    "PRESETS",
+    "StudentConfig",
+    "run_student",
+    "run_students",
+    "split_subset",
+    "step_loss",
+]
+
+PAPER_LRS = (0.1, 0.05, 0.025)
+TEACHER_VIEWS = ("clean", "augmented-once")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Optimisation schedule."""
+
+    name: str
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_epochs: int = 1000
+    schedule: str = "plateau"  # "plateau" (early stopping + decays) or "cosine"
+    patience: int = 50
+    lr_decay: float = 0.1
+    max_decays: int = 3
+    default_lr: float = 0.05
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("paper"),
+    "fast": Preset("fast", max_epochs=30, schedule="cosine"),
+}
+
+
+@dataclass
+class StudentConfig:
+    """One student run. ``budget`` is the subset size n (the paper's x-axis):
+    the teacher is called on its 80% training split only, so
+    ``teacher_calls`` = n - round(0.2 n) <= n."""
+
+    dataset: str = "digits"
+    student_arch: str = "digits_mlp"
+    method: str = "kd"
+    budget: int = 500
+    seed: int = 0
+    teacher: str | None = None  # path of a safetensors teacher (or pass teacher= in memory)
+    teacher_arch: str | None = None  # informational; taken from the teacher metadata if None
+    preset: str = "paper"
+    teacher_view: str = "clean"
+    lr: float | None = None  # None: chosen on validation from PAPER_LRS ("paper"), 0.05 ("fast")
+    batch_size: int = 64
+    device: str = "auto"  # "auto": cuda if available
+    data_dir: str | None = None
+    weights: dict[str, float] | None = None  # overrides of methods.DEFAULT_WEIGHTS
+    max_epochs: int | None = None  # cap on the preset's epochs (tests, smoke runs)
+    patience: int | None = None  # override of the preset's patience
+    val_fraction: float = 0.2
+    cache_dir: str | None = None  # where teacher-output caches are kept (None: memory only)
+    eval_batch_size: int = 1000
+    teacher_batch_size: int = 500
+    log_every: int = 0  # print a line every N epochs (0: silent)
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into the result row
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def split_subset(num_train: int, n: int, seed: int, val_fraction: float = 0.2):
+    """Seeded subset of ``n`` training indices -> ``(train_ids, val_ids)``."""
+    if not 2 <= n <= num_train:
+        raise ValueError(f"budget n={n} must be in [2, {num_train}] (training set size)")
+    sub = np.random.default_rng(seed).choice(num_train, size=n, replace=False)
+    n_val = min(max(1, int(round(val_fraction * n))), n - 1)
+    return np.sort(sub[n_val:]).astype(np.int64), np.sort(sub[:n_val]).astype(np.int64)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _resolve_teacher(teacher: Any, cfg: StudentConfig, device: torch.device):
+    """-> (model or None, metadata dict)."""
+    if teacher is None and cfg.teacher:
+        from reference_experiments import teacher as teacher_mod
+
+        teacher = teacher_mod.load_teacher(cfg.teacher, device)
+    if teacher is None:
+        return None, {}
+    if isinstance(teacher, tuple):
+        model, meta = teacher
+    else:
+        model, meta = teacher, dict(getattr(teacher, "metadata", {}) or {})
+    return model.to(device).eval(), dict(meta or {})
+
+
+def _teacher_arch(model: Any, meta: Mapping[str, Any], cfg: StudentConfig) -> str | None:
+    return cfg.teacher_arch or meta.get("arch") or (type(model).__name__ if model else None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dataset: Any,
+             batch_size: int = 1000) -> float:
+    """Top-1 accuracy (fraction) on uint8 NHWC ``x`` (on the model's device)."""
+    from reference_experiments.augment import preprocess_eval
+
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for start in range(0, len(x), batch_size):
+        xb = preprocess_eval(x[start : start + batch_size], dataset)
+        with _autocast(x.device):
+            pred = model(xb).argmax(1)
+        correct += (pred == y[start : start + batch_size]).sum()
+    model.train(was_training)
+    return float(correct.item()) / max(1, len(x))
+
+
+def _feature_shapes(model: nn.Module, dataset: Any) -> list[tuple[int, ...]]:
+    from reference_experiments.models import feature_shapes
+
+    return [tuple(s) for s in feature_shapes(model, (dataset.in_channels, dataset.crop,
+                                                     dataset.crop))]
+
+
+def _sha_of(meta: Mapping[str, Any], cfg: StudentConfig) -> str:
+    for key in ("sha256", "weights_sha256"):
+        if meta.get(key):
+            return str(meta[key])
+    return cfg.teacher or "in-memory"
+
+
+# ----------------------------------------------------------------------------- teacher
+def query_teacher(
+    model: nn.Module | None,
+    meta: Mapping[str, Any],
+    cfg: StudentConfig,
+    dataset: Any,
+    train_ids: np.ndarray,
+    feature_indices: Sequence[int],
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], TeacherBudget]:
+    """Cached teacher outputs of ``train_ids`` (device tensors) and the budget."""
+    from reference_experiments.augment import augment, preprocess_eval
+
+    if cfg.teacher_view not in TEACHER_VIEWS:
+        raise ValueError(f"teacher_view must be one of {TEACHER_VIEWS}, got {cfg.teacher_view!r}")
+    feature_indices = tuple(int(i) for i in feature_indices)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(10_007 * cfg.seed + 1)  # the augmented-once view
+
+    @torch.no_grad()
+    def call(x_np: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(x_np)).to(device)
+        if cfg.teacher_view == "clean":
+            x = preprocess_eval(x, dataset)
+        else:
+            x = augment(x, dataset, gen)
+        with _autocast(device):
+            if feature_indices:
+                logits, feats = model(x, return_features=True)
+            else:
+                logits, feats = model(x), []
+        out = {"logits": logits.float().cpu().numpy()}
+        for i in feature_indices:
+            out[f"feat{i}"] = feats[i].to(torch.float16).cpu().numpy()
+        return out
+
+    metadata = {
+        "teacher": _sha_of(meta, cfg),
+        "dataset": dataset.name,
+        "view": cfg.teacher_view,
+        "seed": cfg.seed,
+        "budget": cfg.budget,
+        "features": list(feature_indices),
+        "train_ids": hashlib.sha256(train_ids.tobytes()).hexdigest()[:16],
+    }
+    budget = TeacherBudget(call if model is not None else None, cfg.budget,
+                           batch_size=cfg.teacher_batch_size, metadata=metadata)
+    cache_path = None
+    if cfg.cache_dir:
+        tag = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
+        cache_path = Path(cfg.cache_dir) / f"teacher-{dataset.name}-n{cfg.budget}-s{cfg.seed}-{tag}.safetensors"
+        if cache_path.exists():
+            budget.load(cache_path)
+    if model is None and not all(i in budget for i in train_ids.tolist()):
+        raise ValueError(f"method {cfg.method!r} needs a teacher (cfg.teacher or teacher=)")
+    if model is not None:
+        model.eval()
+    out = budget.query(train_ids, lambda ids: dataset.x_train[ids])
+    if cache_path is not None and budget.new_calls:
+        budget.save(cache_path)
+    return {k: torch.from_numpy(v).to(device) for k, v in out.items()}, budget
+
+
+# ----------------------------------------------------------------------------- step
+def step_loss(
+    student: nn.Module,
+    method: Method,
+    x: torch.Tensor,
+    teacher: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    batch: Batch,
+    *,
+    need_features: bool,
+    autocast_device: torch.device | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The pure part of a step: augmented images ``x`` -> (loss, parts)."""
+    x = method.inputs(x, batch)
+    with _autocast(autocast_device or x.device):
+        if need_features:
+            logits, feats = student(x, return_features=True)
+        else:
+            logits, feats = student(x), None
+    return method(logits, feats, teacher, labels, batch)
+
+
+def _epoch_order(gen: torch.Generator, n: int, steps: int, per_step: int,
+                 device: torch.device) -> torch.Tensor:
+    """``(steps, per_step)`` sample indices: consecutive random permutations."""
+    total = steps * per_step
+    reps = math.ceil(total / n)
+    perms = [torch.randperm(n, generator=gen, device=device) for _ in range(reps)]
+    return torch.cat(perms)[:total].view(steps, per_step)
+
+
+class _Run:
+    """State shared by the learning-rate trials of one configuration."""
+
+    def __init__(self, cfg: StudentConfig, dataset: Any, teacher: Any) -> None:
+        from reference_experiments import models
+
+        self.cfg = cfg
+        self.device = device = resolve_device(cfg.device)
+        if cfg.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
+        self.preset = PRESETS[cfg.preset]
+        self.spec: MethodSpec = parse_method(cfg.method)
+        if dataset is None:
+            from reference_experiments import data
+
+            dataset = data.load_dataset(cfg.dataset, cfg.data_dir)
+        self.dataset = dataset
+        self.train_ids, self.val_ids = split_subset(
+            len(dataset.x_train), cfg.budget, cfg.seed, cfg.val_fraction)
+        self.n_train = len(self.train_ids)
+        self.t_model, self.t_meta = (None, {})
+        if self.spec.uses_teacher:
+            self.t_model, self.t_meta = _resolve_teacher(teacher, cfg, device)
+        elif isinstance(teacher, tuple):
+            self.t_meta = dict(teacher[1] or {})
+        self.teacher_arch = _teacher_arch(
+            teacher[0] if isinstance(teacher, tuple) else teacher, self.t_meta, cfg)
+        self.student_shapes = self.teacher_shapes = ()
+        probe = models.create_model(cfg.student_arch, dataset.num_classes, dataset.in_channels)
+        if self.spec.whitebox is not None:
+            self.student_shapes = _feature_shapes(probe, dataset)
+            self.teacher_shapes = _feature_shapes(self.t_model, dataset)
+        self.feature_indices = self.spec.teacher_feature_indices(len(self.teacher_shapes))
+        if self.spec.whitebox == "vid":
+            n = min(len(self.student_shapes), len(self.teacher_shapes))
+            self.feature_indices = tuple(range(1, n - 1))
+        self.budget: TeacherBudget | None = None
+        self.tcache: dict[str, torch.Tensor] = {}
+        if self.spec.uses_teacher:
+            self.tcache, self.budget = query_teacher(
+                self.t_model, self.t_meta, cfg, dataset, self.train_ids,
+                self.feature_indices, device)
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        self.x_train = to(dataset.x_train[self.train_ids])
+        self.y_train = to(dataset.y_train[self.train_ids]).long()
+        self.x_val = to(dataset.x_train[self.val_ids])
+        self.y_val = to(dataset.y_train[self.val_ids]).long()
+
+    @property
+    def teacher_calls(self) -> int:
+        return 0 if self.budget is None else self.budget.used
+
+    def new_models(self, lr_index: int) -> tuple[nn.Module, Method]:
+        from reference_experiments import models
+
+        cfg, ds = self.cfg, self.dataset
+        torch.manual_seed(cfg.seed * 1000 + lr_index)
+        student = models.create_model(cfg.student_arch, ds.num_classes, ds.in_channels)
+        method = build_method(
+            self.spec, num_classes=ds.num_classes, n_train=self.n_train,
+            batch_size=cfg.batch_size, student_shapes=self.student_shapes,
+            teacher_shapes=self.teacher_shapes, weights=cfg.weights, seed=cfg.seed)
+        student.to(self.device)
+        method.to(self.device)
+        if self.device.type == "cuda":
+            student.to(memory_format=torch.channels_last)
+            method.to(memory_format=torch.channels_last)
+        return student, method
+
+    def train(self, lr: float, lr_index: int = 0) -> dict[str, Any]:
+        """One training run at ``lr``; returns best state and counters."""
+        from reference_experiments.augment import augment
+
+        cfg, preset, device = self.cfg, self.preset, self.device
+        student, method = self.new_models(lr_index)
+        params = [p for m in (student, method) for p in m.parameters() if p.requires_grad]
+
+        def make_opt(lr_now: float) -> torch.optim.Optimizer:
+            return torch.optim.SGD(params, lr=lr_now, momentum=preset.momentum,
+                                   weight_decay=preset.weight_decay,
+                                   foreach=device.type == "cuda")
+
+        opt = make_opt(lr)
+        max_epochs = preset.max_epochs if cfg.max_epochs is None else min(
+            preset.max_epochs, cfg.max_epochs)
+        patience = preset.patience if cfg.patience is None else cfg.patience
+        steps = math.ceil(self.n_train / cfg.batch_size)
+        per_step = method.images_per_step
+        sched = None
+        if preset.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs * steps)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg.seed * 7919 + lr_index)
+        need_features = self.spec.whitebox is not None
+        snapshot = lambda: (copy.deepcopy(student.state_dict()),  # noqa: E731
+                            copy.deepcopy(method.state_dict()))
+        best_val, best_state, best_epoch = -1.0, snapshot(), 0
+        since_best = decays = 0
+        lr_now = lr
+        train_time = 0.0
+        images = total_steps = 0
+        epoch = 0
+        student.train()
+        method.train()
+        for epoch in range(1, max_epochs + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            order = _epoch_order(gen, self.n_train, steps, per_step, device)
+            loss_sum = torch.zeros((), device=device)
+            for s in range(steps):
+                idx = order[s]
+                batch = method.sample(gen, idx)
+                x = augment(self.x_train[idx], self.dataset, gen)
+                teacher = {k: v[idx] for k, v in self.tcache.items()}
+                loss, _ = step_loss(student, method, x, teacher, self.y_train[idx], batch,
+                                    need_features=need_features, autocast_device=device)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                loss_sum += loss.detach()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - t0
+            images += steps * per_step
+            total_steps += steps
+            mean_loss = float(loss_sum.item()) / steps
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"non-finite training loss ({mean_loss}) in epoch {epoch} of "
+                    f"{cfg.method} ({cfg.student_arch}, budget {cfg.budget}, seed {cfg.seed}, "
+                    f"lr {lr_now:g}); lower the lr or check the teacher outputs")
+            val = evaluate(student, self.x_val, self.y_val, self.dataset, cfg.eval_batch_size)
+            if cfg.log_every and epoch % cfg.log_every == 0:
+                print(f"[{cfg.method} lr={lr:g}] epoch {epoch} loss {mean_loss:.4f} "
+                      f"val {val:.4f} lr {lr_now:g}", flush=True)
+            if val > best_val:
+                best_val, best_state, best_epoch, since_best = val, snapshot(), epoch, 0
+            else:
+                since_best += 1
+            if preset.schedule == "plateau" and since_best >= patience:
+                if decays >= preset.max_decays:
+                    break
+                decays += 1
+                lr_now *= preset.lr_decay
+                student.load_state_dict(best_state[0])
+                method.load_state_dict(best_state[1])
+                opt = make_opt(lr_now)
+                since_best = 0
+        student.load_state_dict(best_state[0])
+        method.load_state_dict(best_state[1])
+        return {"student": student, "best_val_acc": best_val, "best_epoch": best_epoch,
+                "epochs": epoch, "steps": total_steps, "images": images,
+                "train_time": train_time, "decays": decays}
+
+
+def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None) -> dict:
+    """Runs one configuration; returns its result row (see module docstring).
+
+    ``dataset``: an ``ImageDataset`` (else ``load_dataset(cfg.dataset)``);
+    ``teacher``: an ``nn.Module`` or ``(model, metadata)`` (else loaded from
+    ``cfg.teacher``); not needed for ``method="ce"``.
+    """
+    t_start = time.perf_counter()
+    run = _Run(cfg, dataset, teacher)
+    preset = run.preset
+    if cfg.lr is not None:
+        lrs = [float(cfg.lr)]
+    elif preset.name == "paper":
+        lrs = list(PAPER_LRS)
+    else:
+        lrs = [preset.default_lr]
+    best = None
+    train_time = 0.0
+    images = steps = 0
+    for i, lr in enumerate(lrs):
+        out = run.train(lr, i)
+        train_time += out["train_time"]
+        images += out["images"]
+        steps += out["steps"]
+        if best is None or out["best_val_acc"] > best["best_val_acc"]:
+            best = {**out, "lr": lr}
+        else:
+            del out
+    assert best is not None
+    x_test = torch.from_numpy(np.ascontiguousarray(run.dataset.x_test)).to(run.device)
+    y_test = torch.from_numpy(np.ascontiguousarray(run.dataset.y_test)).to(run.device).long()
+    test_acc = evaluate(best["student"], x_test, y_test, run.dataset, cfg.eval_batch_size)
+    row = {
+        "dataset": run.dataset.name,
+        "teacher_arch": run.teacher_arch,
+        "student_arch": cfg.student_arch,
+        "method": cfg.method,
+        "budget": cfg.budget,
+        "teacher_calls": run.teacher_calls,
+        "seed": cfg.seed,
+        "preset": preset.name,
+        "teacher_view": cfg.teacher_view,
+        "lr": best["lr"],
+        "lrs_tried": lrs,
+        "best_val_acc": best["best_val_acc"],
+        "test_acc": test_acc,
+        "best_epoch": best["best_epoch"],
+        "epochs": best["epochs"],
+        "steps": steps,
+        "train_images_per_s": images / train_time if train_time > 0 else float("nan"),
+        "wall_s": time.perf_counter() - t_start,
+        "n_train": run.n_train,
+        "n_val": len(run.val_ids),
+        "new_teacher_calls": 0 if run.budget is None else run.budget.new_calls,
+        "device": str(run.device),
+        **cfg.extra,
+    }
+    return row
+
+
+def run_students(cfgs: Sequence[StudentConfig], **kwargs: Any) -> list[dict]:
+    """Runs several configurations; see :func:`run_student` (sequential for now)."""
+    return [run_student(c, **kwargs) for c in cfgs]
