@@ -1,0 +1,102 @@
+"""nox sessions: ``tests`` on every Keras backend, ``lint`` and ``typecheck``.
+
+Plain ``nox`` runs all of them (this is the README's test command and what
+``.ci/run`` calls). ``nox -s "tests(torch)"`` runs one backend; arguments
+after ``--`` replace the pytest paths, e.g. ``nox -s "tests(jax)" -- tests/test_x.py``.
+
+Every install goes through ``constraints/ci.txt``, which pins the CPU build
+of torch; each session fails if any ``nvidia-*`` package got installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = str(ROOT / "constraints" / "ci.txt")
+LINT_PATHS = ["src", "adapters", "tests", "noxfile.py", "conftest.py"]
+TYPECHECK_PATHS = ["src", "adapters"]
+# Doctests in src/ and adapters/ run next to tests/; the root conftest.py
+# skips each adapter's package unless its backend is the active one.
+TEST_PATHS = ["tests", "src/ckd_core", "adapters"]
+
+# What each backend session installs on top of `.[test]`. The numpy session
+# also hosts the cross-backend equivalence test (tests/test_backends.py),
+# which runs all four backends in subprocesses, so it gets every backend.
+BACKEND_PACKAGES = {
+    "numpy": ["jax", "torch", "tensorflow-cpu"],
+    "jax": ["jax"],
+    "torch": ["torch"],
+    "tensorflow": ["tensorflow-cpu"],
+}
+# The PyTorch reference experiments' tests need the `experiments` extra and
+# run in the torch session only.
+EXPERIMENTS_BACKEND = "torch"
+EXPERIMENT_TESTS = "tests/experiments"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.error_on_external_run = True
+
+_NO_NVIDIA = """
+import importlib.metadata as md, sys
+bad = sorted({d.metadata["Name"] for d in md.distributions()
+              if (d.metadata["Name"] or "").lower().startswith("nvidia")})
+if bad:
+    sys.exit("ERROR: nvidia-* packages were installed (a CUDA build of torch?): " + ", ".join(bad))
+try:
+    print("torch", md.version("torch"))
+except md.PackageNotFoundError:
+    pass
+"""
+
+
+def _local_cpu_torch() -> bool:
+    """Whether pip's find-links already offer the pinned CPU torch wheel."""
+    dirs = os.environ.get("PIP_FIND_LINKS", "").split() + ["/opt/wheels"]
+    return any(glob.glob(os.path.join(d, "torch-2.13.0+cpu-*.whl")) for d in dirs)
+
+
+def _install(session: nox.Session, *packages: str) -> None:
+    """pip install under the CI constraints; CPU torch from the local wheel or PyTorch's index."""
+    args = ["-c", CONSTRAINTS, *packages]
+    if "torch" in packages and not _local_cpu_torch():
+        args = ["--extra-index-url", TORCH_CPU_INDEX, *args]
+    session.install(*args)
+    session.run("python", "-c", _NO_NVIDIA, silent=False)
+
+
+@nox.session
+@nox.parametrize("backend", [nox.param(b, id=b) for b in BACKEND_PACKAGES])
+def tests(session: nox.Session, backend: str) -> None:
+    """pytest (tests/ and doctests) with KERAS_BACKEND=<backend>.
+
+    Set CI=1 for the "ci" hypothesis profile (>= 100 examples per property).
+    """
+    extras = "test,experiments" if backend == EXPERIMENTS_BACKEND else "test"
+    _install(session, "-e", f".[{extras}]", *BACKEND_PACKAGES[backend])
+    paths = list(TEST_PATHS)
+    if backend != EXPERIMENTS_BACKEND:
+        paths.append(f"--ignore={EXPERIMENT_TESTS}")
+    env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    session.run("pytest", "-q", *(session.posargs or paths), env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    _install(session, "ruff")
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *LINT_PATHS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on src/ and adapters/ (with torch installed, so the torch adapter is checked)."""
+    _install(session, "-e", ".", "mypy", "torch")
+    session.run("mypy", *TYPECHECK_PATHS)
