@@ -211,13 +211,21 @@ class VIDLayer(nn.Module):
     ``softplus(alpha) + eps`` (init 5); loss = mean Gaussian NLL. Flat
     features are treated as 1x1 maps."""
 
-    def __init__(self, s_channels: int, t_channels: int, mid: int | None = None,
-                 init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        s_channels: int,
+        t_channels: int,
+        mid: int | None = None,
+        init_pred_var: float = 5.0,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         mid = t_channels if mid is None else mid
         self.regressor = nn.Sequential(
-            nn.Conv2d(s_channels, mid, 1, bias=False), nn.ReLU(),
-            nn.Conv2d(mid, mid, 1, bias=False), nn.ReLU(),
+            nn.Conv2d(s_channels, mid, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 1, bias=False),
+            nn.ReLU(),
             nn.Conv2d(mid, t_channels, 1, bias=False),
         )
         self.log_scale = nn.Parameter(
@@ -248,8 +256,17 @@ class CRD(nn.Module):
     batch (as RepDistiller) without a host sync.
     """
 
-    def __init__(self, s_dim: int, t_dim: int, n_data: int, *, feat_dim: int = 128,
-                 nce_k: int = 16384, nce_t: float = 0.07, momentum: float = 0.5) -> None:
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        n_data: int,
+        *,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        momentum: float = 0.5,
+    ) -> None:
         super().__init__()
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)
@@ -264,8 +281,9 @@ class CRD(nn.Module):
 
     def sample(self, generator: torch.Generator | None, idx: torch.Tensor) -> torch.Tensor:
         """``(len(idx), K + 1)`` memory indices: the positive, then K negatives."""
-        neg = torch.randint(self.n_data, (idx.shape[0], self.k), device=idx.device,
-                            generator=generator)
+        neg = torch.randint(
+            self.n_data, (idx.shape[0], self.k), device=idx.device, generator=generator
+        )
         return torch.cat([idx[:, None], neg], dim=1)
 
     def _nce(self, p: torch.Tensor) -> torch.Tensor:
@@ -276,8 +294,9 @@ class CRD(nn.Module):
         log_d0 = torch.log(mpn / (p[:, 1:] + mpn + 1e-7))
         return -(log_d1.sum() + log_d0.sum()) / p.shape[0]
 
-    def forward(self, s: torch.Tensor, t: torch.Tensor, idx: torch.Tensor,
-                contrast: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, s: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, contrast: torch.Tensor
+    ) -> torch.Tensor:
         v_s = F.normalize(self.embed_s(s), dim=1)
         v_t = F.normalize(self.embed_t(t), dim=1)
         w_s = self.memory_s[contrast].detach()  # (B, K+1, D) student memory
@@ -333,7 +352,8 @@ class Method(nn.Module):
         super().__init__()
         unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
         if unknown:
-            raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
+            known = sorted(DEFAULT_WEIGHTS)
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {known}")
         self.spec = spec
         self.w = {**DEFAULT_WEIGHTS, **(weights or {})}
         self.num_classes = int(num_classes)
@@ -360,15 +380,17 @@ class Method(nn.Module):
             self.register_buffer("group_b", ga + b, persistent=False)
         if base == "ckd_pairs":
             self.register_buffer("pair_a", torch.arange(self.batch_size), persistent=False)
-            self.register_buffer("pair_b", torch.arange(self.batch_size) + self.batch_size,
-                                 persistent=False)
+            self.register_buffer(
+                "pair_b", torch.arange(self.batch_size) + self.batch_size, persistent=False
+            )
         self.feature_indices: tuple[int, ...] = spec.teacher_feature_indices(len(teacher_shapes))
         if spec.whitebox is not None:
             if not student_shapes or not teacher_shapes:
                 raise ValueError(f"{spec.name} needs student_shapes and teacher_shapes")
             if spec.whitebox == "fitnets":
-                self.hint = ConvReg(_shape(student_shapes[HINT_LAYER]),
-                                    _shape(teacher_shapes[HINT_LAYER]))
+                self.hint = ConvReg(
+                    _shape(student_shapes[HINT_LAYER]), _shape(teacher_shapes[HINT_LAYER])
+                )
             else:
                 n = min(len(student_shapes), len(teacher_shapes))
                 self.feature_indices = tuple(range(1, n - 1))
@@ -457,7 +479,7 @@ class Method(nn.Module):
         elif spec.whitebox == "vid":
             parts["vid"] = sum(
                 layer(features[i].float(), teacher[f"feat{i}"].float())
-                for layer, i in zip(self.vid, self.feature_indices)
+                for layer, i in zip(self.vid, self.feature_indices, strict=True)
             )
         loss = sum(w[k] * v for k, v in parts.items())
         return loss, {k: v.detach() for k, v in parts.items()}

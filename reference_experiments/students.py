@@ -38,11 +38,9 @@ takes one SGD step for all of them (``fast`` preset only).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -162,8 +160,9 @@ def _teacher_arch(model: Any, meta: Mapping[str, Any], cfg: StudentConfig) -> st
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dataset: Any,
-             batch_size: int = 1000) -> float:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dataset: Any, batch_size: int = 1000
+) -> float:
     """Top-1 accuracy (fraction) on uint8 NHWC ``x`` (on the model's device)."""
     from reference_experiments.augment import preprocess_eval
 
@@ -182,8 +181,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dataset: Any,
 def _feature_shapes(model: nn.Module, dataset: Any) -> list[tuple[int, ...]]:
     from reference_experiments.models import feature_shapes
 
-    return [tuple(s) for s in feature_shapes(model, (dataset.in_channels, dataset.crop,
-                                                     dataset.crop))]
+    return [
+        tuple(s) for s in feature_shapes(model, (dataset.in_channels, dataset.crop, dataset.crop))
+    ]
 
 
 def _sha_of(meta: Mapping[str, Any], cfg: StudentConfig) -> str:
@@ -238,12 +238,17 @@ def query_teacher(
         "features": list(feature_indices),
         "train_ids": hashlib.sha256(train_ids.tobytes()).hexdigest()[:16],
     }
-    budget = TeacherBudget(call if model is not None else None, cfg.budget,
-                           batch_size=cfg.teacher_batch_size, metadata=metadata)
+    budget = TeacherBudget(
+        call if model is not None else None,
+        cfg.budget,
+        batch_size=cfg.teacher_batch_size,
+        metadata=metadata,
+    )
     cache_path = None
     if cfg.cache_dir:
         tag = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
-        cache_path = Path(cfg.cache_dir) / f"teacher-{dataset.name}-n{cfg.budget}-s{cfg.seed}-{tag}.safetensors"
+        name = f"teacher-{dataset.name}-n{cfg.budget}-s{cfg.seed}-{tag}.safetensors"
+        cache_path = Path(cfg.cache_dir) / name
         if cache_path.exists():
             budget.load(cache_path)
     if model is None and not all(i in budget for i in train_ids.tolist()):
@@ -278,8 +283,9 @@ def step_loss(
     return method(logits, feats, teacher, labels, batch)
 
 
-def _epoch_order(gen: torch.Generator, n: int, steps: int, per_step: int,
-                 device: torch.device) -> torch.Tensor:
+def _epoch_order(
+    gen: torch.Generator, n: int, steps: int, per_step: int, device: torch.device
+) -> torch.Tensor:
     """``(steps, per_step)`` sample indices: consecutive random permutations."""
     total = steps * per_step
     reps = math.ceil(total / n)
@@ -305,7 +311,8 @@ class _Run:
             dataset = data.load_dataset(cfg.dataset, cfg.data_dir)
         self.dataset = dataset
         self.train_ids, self.val_ids = split_subset(
-            len(dataset.x_train), cfg.budget, cfg.seed, cfg.val_fraction)
+            len(dataset.x_train), cfg.budget, cfg.seed, cfg.val_fraction
+        )
         self.n_train = len(self.train_ids)
         self.t_model, self.t_meta = (None, {})
         if self.spec.uses_teacher:
@@ -313,7 +320,8 @@ class _Run:
         elif isinstance(teacher, tuple):
             self.t_meta = dict(teacher[1] or {})
         self.teacher_arch = _teacher_arch(
-            teacher[0] if isinstance(teacher, tuple) else teacher, self.t_meta, cfg)
+            teacher[0] if isinstance(teacher, tuple) else teacher, self.t_meta, cfg
+        )
         self.student_shapes = self.teacher_shapes = ()
         probe = models.create_model(cfg.student_arch, dataset.num_classes, dataset.in_channels)
         if self.spec.whitebox is not None:
@@ -327,8 +335,14 @@ class _Run:
         self.tcache: dict[str, torch.Tensor] = {}
         if self.spec.uses_teacher:
             self.tcache, self.budget = query_teacher(
-                self.t_model, self.t_meta, cfg, dataset, self.train_ids,
-                self.feature_indices, device)
+                self.t_model,
+                self.t_meta,
+                cfg,
+                dataset,
+                self.train_ids,
+                self.feature_indices,
+                device,
+            )
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
         self.x_train = to(dataset.x_train[self.train_ids])
         self.y_train = to(dataset.y_train[self.train_ids]).long()
@@ -346,9 +360,15 @@ class _Run:
         torch.manual_seed(cfg.seed * 1000 + lr_index)
         student = models.create_model(cfg.student_arch, ds.num_classes, ds.in_channels)
         method = build_method(
-            self.spec, num_classes=ds.num_classes, n_train=self.n_train,
-            batch_size=cfg.batch_size, student_shapes=self.student_shapes,
-            teacher_shapes=self.teacher_shapes, weights=cfg.weights, seed=cfg.seed)
+            self.spec,
+            num_classes=ds.num_classes,
+            n_train=self.n_train,
+            batch_size=cfg.batch_size,
+            student_shapes=self.student_shapes,
+            teacher_shapes=self.teacher_shapes,
+            weights=cfg.weights,
+            seed=cfg.seed,
+        )
         student.to(self.device)
         method.to(self.device)
         if self.device.type == "cuda":
@@ -365,13 +385,18 @@ class _Run:
         params = [p for m in (student, method) for p in m.parameters() if p.requires_grad]
 
         def make_opt(lr_now: float) -> torch.optim.Optimizer:
-            return torch.optim.SGD(params, lr=lr_now, momentum=preset.momentum,
-                                   weight_decay=preset.weight_decay,
-                                   foreach=device.type == "cuda")
+            return torch.optim.SGD(
+                params,
+                lr=lr_now,
+                momentum=preset.momentum,
+                weight_decay=preset.weight_decay,
+                foreach=device.type == "cuda",
+            )
 
         opt = make_opt(lr)
-        max_epochs = preset.max_epochs if cfg.max_epochs is None else min(
-            preset.max_epochs, cfg.max_epochs)
+        max_epochs = (
+            preset.max_epochs if cfg.max_epochs is None else min(preset.max_epochs, cfg.max_epochs)
+        )
         patience = preset.patience if cfg.patience is None else cfg.patience
         steps = math.ceil(self.n_train / cfg.batch_size)
         per_step = method.images_per_step
@@ -381,8 +406,10 @@ class _Run:
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed * 7919 + lr_index)
         need_features = self.spec.whitebox is not None
-        snapshot = lambda: (copy.deepcopy(student.state_dict()),  # noqa: E731
-                            copy.deepcopy(method.state_dict()))
+
+        def snapshot() -> tuple[dict, dict]:
+            return copy.deepcopy(student.state_dict()), copy.deepcopy(method.state_dict())
+
         best_val, best_state, best_epoch = -1.0, snapshot(), 0
         since_best = decays = 0
         lr_now = lr
@@ -402,8 +429,16 @@ class _Run:
                 batch = method.sample(gen, idx)
                 x = augment(self.x_train[idx], self.dataset, gen)
                 teacher = {k: v[idx] for k, v in self.tcache.items()}
-                loss, _ = step_loss(student, method, x, teacher, self.y_train[idx], batch,
-                                    need_features=need_features, autocast_device=device)
+                loss, _ = step_loss(
+                    student,
+                    method,
+                    x,
+                    teacher,
+                    self.y_train[idx],
+                    batch,
+                    need_features=need_features,
+                    autocast_device=device,
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -420,11 +455,15 @@ class _Run:
                 raise FloatingPointError(
                     f"non-finite training loss ({mean_loss}) in epoch {epoch} of "
                     f"{cfg.method} ({cfg.student_arch}, budget {cfg.budget}, seed {cfg.seed}, "
-                    f"lr {lr_now:g}); lower the lr or check the teacher outputs")
+                    f"lr {lr_now:g}); lower the lr or check the teacher outputs"
+                )
             val = evaluate(student, self.x_val, self.y_val, self.dataset, cfg.eval_batch_size)
             if cfg.log_every and epoch % cfg.log_every == 0:
-                print(f"[{cfg.method} lr={lr:g}] epoch {epoch} loss {mean_loss:.4f} "
-                      f"val {val:.4f} lr {lr_now:g}", flush=True)
+                print(
+                    f"[{cfg.method} lr={lr:g}] epoch {epoch} loss {mean_loss:.4f} "
+                    f"val {val:.4f} lr {lr_now:g}",
+                    flush=True,
+                )
             if val > best_val:
                 best_val, best_state, best_epoch, since_best = val, snapshot(), epoch, 0
             else:
@@ -440,9 +479,16 @@ class _Run:
                 since_best = 0
         student.load_state_dict(best_state[0])
         method.load_state_dict(best_state[1])
-        return {"student": student, "best_val_acc": best_val, "best_epoch": best_epoch,
-                "epochs": epoch, "steps": total_steps, "images": images,
-                "train_time": train_time, "decays": decays}
+        return {
+            "student": student,
+            "best_val_acc": best_val,
+            "best_epoch": best_epoch,
+            "epochs": epoch,
+            "steps": total_steps,
+            "images": images,
+            "train_time": train_time,
+            "decays": decays,
+        }
 
 
 def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None) -> dict:

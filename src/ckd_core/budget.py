@@ -27,7 +27,7 @@ Example:
     >>> budget.query([5, 6, 7], load)
     Traceback (most recent call last):
     ...
-    ckd_core.budget.TeacherBudgetExceeded: teacher-call budget exceeded: budget=4, used=2, requested=3 new (total would be 5)
+    ckd_core.budget.TeacherBudgetExceeded: ... budget=4, used=2, requested=3 new ...
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 __all__ = ["TeacherBudget", "TeacherBudgetExceeded"]
 
-Outputs = Union[np.ndarray, dict[str, np.ndarray]]
+Outputs = np.ndarray | dict[str, np.ndarray]
 # Key used when the teacher returns a bare array instead of a dict.
 _ARRAY_KEY = "__output__"
 _IDS_KEY = "__ids__"
@@ -212,7 +212,7 @@ class TeacherBudget:
     def _inputs_for(self, missing: np.ndarray, ids: np.ndarray, inputs: Any) -> Callable:
         if callable(inputs):
             return inputs
-        position = {}
+        position: dict[int, int] = {}
         for k, i in enumerate(ids.tolist()):
             position.setdefault(i, k)
 
@@ -294,7 +294,7 @@ class TeacherBudget:
                 save_file(tensors, tmp, metadata=meta)
             else:
                 with open(tmp, "wb") as f:
-                    np.savez(f, **tensors, __meta__=np.array(json.dumps(meta)))
+                    np.savez(f, **tensors, __meta__=np.array(json.dumps(meta)))  # type: ignore[arg-type]
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
