@@ -104,9 +104,10 @@ def save_teacher(model: nn.Module, out_dir: str | Path, name: str, meta: dict[st
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    header = {k: str(v) for k, v in meta.items() if k in ("arch", "dataset", "num_classes",
-                                                         "in_channels")}
-    blob = save(tensors, metadata=header)
+    # One metadata key: safetensors does not keep key order, and the bytes (hence the
+    # sha256) should be reproducible.
+    header = {k: meta[k] for k in ("arch", "dataset", "num_classes", "in_channels") if k in meta}
+    blob = save(tensors, metadata={"ckd_teacher": json.dumps(header, sort_keys=True)})
     out = Path(out_dir)
     weights = out / f"{name}.safetensors"
     _atomic_write_bytes(weights, blob)

@@ -1,0 +1,122 @@
+"""Teacher training, safetensors save/load round trip, sha256 checks, CLI."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+pytest.importorskip("sklearn")
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from reference_experiments import teacher  # noqa: E402
+from reference_experiments.data import load_dataset  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teachers")
+    path = teacher.train_teacher(
+        "digits_cnn", digits, epochs=1, seed=0, out_dir=out, progress=False
+    )
+    return path
+
+
+def test_train_teacher_writes_files_and_metadata(trained):
+    assert trained.suffix == ".safetensors" and trained.is_file()
+    meta = json.loads(trained.with_suffix(".json").read_text())
+    for key in ("arch", "dataset", "num_classes", "split_seed", "epochs", "seed",
+                "test_accuracy", "sha256", "in_channels"):
+        assert key in meta, key
+    assert (meta["arch"], meta["dataset"], meta["num_classes"]) == ("digits_cnn", "digits", 10)
+    assert (meta["split_seed"], meta["epochs"], meta["seed"], meta["in_channels"]) == (0, 1, 0, 1)
+    assert 0.0 <= meta["test_accuracy"] <= 1.0
+    import hashlib
+
+    assert meta["sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
+    assert not list(trained.parent.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_load_round_trip_without_pickle(trained, digits, monkeypatch):
+    def no_pickle(*a, **k):
+        raise AssertionError("load_teacher must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    model, meta = teacher.load_teacher(trained)
+    assert not model.training
+    assert teacher.evaluate(model, digits, "cpu") == pytest.approx(meta["test_accuracy"])
+    # the .json path and the stem work too, and give identical weights
+    model2, _ = teacher.load_teacher(trained.with_suffix(".json"))
+    model3, _ = teacher.load_teacher(trained.with_suffix(""))
+    for (k, v), v2, v3 in zip(model.state_dict().items(), model2.state_dict().values(),
+                              model3.state_dict().values(), strict=True):
+        assert torch.equal(v, v2) and torch.equal(v, v3), k
+
+
+def test_training_is_seeded(trained, digits, tmp_path):
+    again = teacher.train_teacher(
+        "digits_cnn", digits, epochs=1, seed=0, out_dir=tmp_path, progress=False
+    )
+    assert again.name == trained.name
+    assert again.read_bytes() == trained.read_bytes()
+
+
+def test_tampered_weights_raise(trained, tmp_path):
+    blob = bytearray(trained.read_bytes())
+    blob[-5] ^= 0x01
+    bad = tmp_path / trained.name
+    bad.write_bytes(bytes(blob))
+    (tmp_path / trained.with_suffix(".json").name).write_bytes(
+        trained.with_suffix(".json").read_bytes()
+    )
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        teacher.load_teacher(bad)
+
+
+def test_tampered_metadata_raises(trained, tmp_path):
+    meta = json.loads(trained.with_suffix(".json").read_text())
+    meta["sha256"] = "0" * 64
+    (tmp_path / trained.name).write_bytes(trained.read_bytes())
+    (tmp_path / trained.with_suffix(".json").name).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        teacher.load_teacher(tmp_path / trained.name)
+    with pytest.raises(FileNotFoundError):
+        teacher.load_teacher(tmp_path / "missing.safetensors")
+
+
+def test_evaluate_restores_mode(digits):
+    from reference_experiments.models import create_model
+
+    m = create_model("digits_mlp", 10, in_channels=1).train()
+    acc = teacher.evaluate(m, digits, "cpu", batch_size=100)
+    assert 0.0 <= acc <= 1.0 and m.training
+
+
+def test_cli_main(tmp_path, capsys):
+    teacher.main(["train-teacher", "--arch", "digits_mlp", "--dataset", "digits",
+                  "--epochs", "1", "--seed", "3", "--out", str(tmp_path), "--device", "cpu",
+                  "--batch-size", "256", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "test_accuracy=" in out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["digits_mlp_digits_split0_ep1_seed3.json",
+                     "digits_mlp_digits_split0_ep1_seed3.safetensors"]
+    model, meta = teacher.load_teacher(tmp_path / files[1])
+    assert meta["batch_size"] == 256 and meta["seed"] == 3
