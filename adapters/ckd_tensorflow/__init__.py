@@ -29,5 +29,14 @@ from ckd_core import (  # noqa: E402
     RKDLoss,
     functional,
 )
+from ckd_tensorflow.distributed import replica_sum  # noqa: E402
 
-__all__ = ["ComparativeLoss", "DISTLoss", "KDLoss", "ProjectedRKDLoss", "RKDLoss", "functional"]
+__all__ = [
+    "ComparativeLoss",
+    "DISTLoss",
+    "KDLoss",
+    "ProjectedRKDLoss",
+    "RKDLoss",
+    "functional",
+    "replica_sum",
+]

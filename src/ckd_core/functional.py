@@ -12,7 +12,8 @@ back. Pairwise losses return 0 for a batch with fewer than two rows.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -29,6 +30,10 @@ __all__ = [
 ]
 
 Tensor = Any
+# Sums a tensor over the data-parallel replicas (e.g. an autograd-aware
+# ``torch.distributed`` all-reduce, a ``tf.distribute`` replica-context
+# all-reduce or ``jax.lax.psum``); see ``comparative_loss``.
+AllReduce = Callable[[Tensor], Tensor]
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _HALF_DTYPES = ("float16", "bfloat16")
 # RepDistiller clamps squared pairwise distances at this value before sqrt.
@@ -110,13 +115,17 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     return ops.where(positive, num / ops.where(positive, den, ops.ones_like(den)), 0)
 
 
-def _all_pairs_mse(e: Tensor, w: Tensor | None) -> Tensor:
+def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = None) -> Tensor:
     """Mean of ``(e_i - e_j)^2`` over ordered pairs ``i != j`` and columns.
 
     Centred O(n·d) form: ``sum_ij w_i w_j ||e_i - e_j||^2
     = 2 W sum_i w_i ||e_i - m||^2`` with ``W = sum w`` and ``m`` the
-    weighted mean; the pair weights sum to ``W^2 - sum w^2``.
+    weighted mean; the pair weights sum to ``W^2 - sum w^2``. With
+    ``all_reduce`` the sums run over the batch of all replicas
+    (:func:`_global_all_pairs_mse`).
     """
+    if all_reduce is not None:
+        return _global_all_pairs_mse(e, w, all_reduce)
     d = e.shape[1]
     if w is None:
         n = _num_rows(e)
@@ -134,6 +143,47 @@ def _all_pairs_mse(e: Tensor, w: Tensor | None) -> Tensor:
     return _safe_ratio(2 * total_w * spread, pair_w * d)
 
 
+def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) -> Tensor:
+    """:func:`_all_pairs_mse` of the batch concatenated over all replicas.
+
+    ``all_reduce`` sums a tensor over the replicas (the local shards of the
+    global batch may have different sizes). Two collectives of O(d) elements,
+    whatever the batch size, in the two-pass centred form (no
+    ``sum||e||^2 - ||sum e||^2 / W`` cancellation):
+
+    1. ``[sum_i w_i e_i, sum_i w_i, sum_i w_i^2]`` (``d + 2`` numbers) gives
+       the global weight sum ``W`` and mean ``m``;
+    2. the scalar ``sum_i w_i ||e_i - m||^2`` about that global mean, which
+       equals Chan's merge ``M2_r + W_r ||m_r - m||^2`` of the local centred
+       sums, summed over replicas.
+
+    The mean carries no gradient: ``d/dm sum_i w_i ||e_i - m||^2 = 0`` at
+    the global mean, so only the scalar of step 2 needs a differentiable
+    collective (plus the weight sums when the weights require gradients).
+    Each replica returns the same global loss; its gradient with respect to
+    the local rows is that of the global loss once summed over replicas by
+    the collective's backward (see the adapters for the resulting scale).
+    """
+    d = e.shape[1]
+    if w is None:
+        count = ops.sum(ops.ones_like(e[:, :1]), axis=0)  # (1,), in e's dtype
+        stats = all_reduce(ops.concatenate([ops.stop_gradient(ops.sum(e, axis=0)), count]))
+        total_w = stats[d]
+        pair_w = total_w * (total_w - 1)
+    else:
+        w_col = w[:, None]
+        weight_sums = ops.stack([ops.sum(w), ops.sum(ops.square(w))])
+        local = ops.concatenate([ops.stop_gradient(ops.sum(e * w_col, axis=0)), weight_sums])
+        stats = all_reduce(local)
+        total_w = stats[d]
+        pair_w = ops.square(total_w) - stats[d + 1]
+    mean = stats[None, :d] / ops.where(total_w > 0, total_w, 1)
+    sq = ops.square(e - mean)
+    local_spread = ops.sum(sq if w is None else sq * w[:, None])
+    spread = all_reduce(ops.reshape(local_spread, (1,)))[0]
+    return _safe_ratio(2 * total_w * spread, pair_w * d)
+
+
 def _take(x: Tensor, index: Tensor) -> Tensor:
     return ops.take(x, ops.convert_to_tensor(index, dtype="int32"), axis=0)
 
@@ -145,6 +195,7 @@ def comparative_loss(
     *,
     pairs: str | Sequence[Tensor] = "all",
     groups: Sequence[Tensor] | None = None,
+    all_reduce: AllReduce | None = None,
 ) -> Tensor:
     r"""Comparative knowledge distillation (CKD) loss.
 
@@ -169,6 +220,12 @@ def comparative_loss(
         sample_weight: optional ``(batch,)`` weights (all pairs or ``pairs``).
         pairs: ``"all"`` or a pair of index vectors ``(a, b)``.
         groups: optional pair of index matrices; overrides ``pairs``.
+        all_reduce: data-parallel training: a function summing a tensor over
+            the replicas (autograd-aware where gradients are needed). The
+            all-pairs loss then covers the global batch, the concatenation
+            of every replica's rows (shards may differ in size), for
+            ``O(dim)`` numbers communicated per call (two collectives), not
+            ``O(batch·dim)``. Only with ``pairs="all"``.
 
     Returns:
         Scalar loss in ``y_pred``'s dtype.
@@ -186,6 +243,8 @@ def comparative_loss(
     """
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     e = y_pred - y_true
+    if all_reduce is not None and (groups is not None or not isinstance(pairs, str)):
+        raise ValueError("all_reduce is only supported with pairs='all'.")
     if groups is not None:
         if sample_weight is not None:
             raise ValueError("sample_weight is not supported with groups.")
@@ -195,7 +254,7 @@ def comparative_loss(
     elif isinstance(pairs, str):
         if pairs != "all":
             raise ValueError(f"pairs must be 'all' or (a, b) index vectors, got {pairs!r}.")
-        loss = _all_pairs_mse(e, _weights(sample_weight, e))
+        loss = _all_pairs_mse(e, _weights(sample_weight, e), all_reduce)
     else:
         index_a, index_b = pairs
         sq = ops.square(_take(e, index_a) - _take(e, index_b))
@@ -238,6 +297,8 @@ def projected_rkd_loss(
     y_pred: Tensor,
     projection: Tensor,
     sample_weight: Tensor | None = None,
+    *,
+    all_reduce: AllReduce | None = None,
 ) -> Tensor:
     r"""Projected relational distillation RKD_d (the CKD paper's ablation).
 
@@ -248,6 +309,8 @@ def projected_rkd_loss(
     with a fixed ``projection`` ``P`` of shape ``(dim, k)`` (see
     :func:`make_projection`), in O(n·dim·k) via the CKD identity on the
     projected residuals. With ``P = I`` it equals :func:`comparative_loss`.
+    ``all_reduce`` extends the pairs to the global data-parallel batch, as
+    in :func:`comparative_loss` (``O(k)`` numbers communicated).
 
     Example:
         >>> import numpy as np
@@ -264,7 +327,7 @@ def projected_rkd_loss(
             f"got {tuple(p.shape)}."
         )
     e = (y_pred - y_true) @ p
-    return _cast(_all_pairs_mse(e, _weights(sample_weight, e)), out_dtype)
+    return _cast(_all_pairs_mse(e, _weights(sample_weight, e), all_reduce), out_dtype)
 
 
 def _weighted_mean(values: Tensor, w: Tensor | None) -> Tensor:

@@ -56,10 +56,21 @@ class ComparativeLoss(_BatchLoss):
         >>> student = np.array([[1.0, 0.5], [0.0, 1.0], [1.0, 1.0]], "float32")
         >>> round(float(ComparativeLoss()(teacher, student)), 4)
         0.0417
+
+    ``all_reduce`` (a function summing a tensor over data-parallel replicas)
+    makes the all-pairs loss cover the global batch of all replicas; it is
+    not serialized by ``get_config`` (pass it again after loading).
     """
 
-    def __init__(self, name: str = "comparative_loss", dtype: Any = None) -> None:
+    def __init__(
+        self,
+        name: str = "comparative_loss",
+        dtype: Any = None,
+        *,
+        all_reduce: functional.AllReduce | None = None,
+    ) -> None:
         super().__init__(name=name, dtype=dtype)
+        self.all_reduce = all_reduce
 
     def __call__(
         self,
@@ -73,11 +84,13 @@ class ComparativeLoss(_BatchLoss):
         if isinstance(pairs, str) and groups is None:
             return super().__call__(y_true, y_pred, sample_weight)
         return functional.comparative_loss(
-            y_true, y_pred, sample_weight, pairs=pairs, groups=groups
+            y_true, y_pred, sample_weight, pairs=pairs, groups=groups, all_reduce=self.all_reduce
         )
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        return functional.comparative_loss(y_true, y_pred, sample_weight)
+        return functional.comparative_loss(
+            y_true, y_pred, sample_weight, all_reduce=self.all_reduce
+        )
 
 
 @_register
@@ -121,7 +134,8 @@ class ProjectedRKDLoss(_BatchLoss):
     The ``(dim, out_dim)`` matrix is drawn from ``seed`` on first use (see
     :func:`ckd_core.functional.make_projection`); ``out_dim=None`` with
     ``projection="identity"`` keeps all dimensions and equals
-    :class:`ComparativeLoss`.
+    :class:`ComparativeLoss`. ``all_reduce`` extends the pairs to the
+    global data-parallel batch, as in :class:`ComparativeLoss`.
     """
 
     def __init__(
@@ -131,8 +145,11 @@ class ProjectedRKDLoss(_BatchLoss):
         seed: int = 0,
         name: str = "projected_rkd_loss",
         dtype: Any = None,
+        *,
+        all_reduce: functional.AllReduce | None = None,
     ) -> None:
         super().__init__(name=name, dtype=dtype)
+        self.all_reduce = all_reduce
         self.out_dim = out_dim
         self.projection = projection
         self.seed = seed
@@ -149,7 +166,9 @@ class ProjectedRKDLoss(_BatchLoss):
         dim = y_pred.shape[-1]
         if dim is None:
             raise ValueError("ProjectedRKDLoss needs a static feature dimension.")
-        return functional.projected_rkd_loss(y_true, y_pred, self.matrix(dim), sample_weight)
+        return functional.projected_rkd_loss(
+            y_true, y_pred, self.matrix(dim), sample_weight, all_reduce=self.all_reduce
+        )
 
     def get_config(self) -> dict[str, Any]:
         return {
