@@ -43,6 +43,7 @@ import io
 import os
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,15 +251,15 @@ def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError):  # unreadable/corrupt cache: rebuild
-        return None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable/corrupt cache: rebuild
 
 
-def _cached(key: str, build) -> dict[str, np.ndarray]:
+def _cached(key: str, build, keys: Sequence[str]) -> dict[str, np.ndarray]:
     path = cache_dir() / f"{key}.npz"
     if path.is_file():
         arrays = _load_npz(path)
-        if arrays is not None:
+        if arrays is not None and all(k in arrays for k in keys):
             return arrays
     arrays = build()
     try:
@@ -440,7 +441,7 @@ def _load_cifar10_jpeg(data_dir: Path | None) -> ImageDataset:
             for k in ("x", "y")
         }
 
-    a = _cached(key, build)
+    a = _cached(key, build, ("x_train", "y_train", "x_test", "y_test"))
     return ImageDataset(
         "cifar10-jpeg", a["x_train"], a["y_train"], a["x_test"], a["y_test"], len(classes),
         CIFAR10_MEAN, CIFAR10_STD, crop=32, pad=4,
@@ -518,7 +519,7 @@ def _load_cars64(data_dir: Path | None, seed: int) -> ImageDataset:
         assert x is not None
         return {"x": x, "y": y, "idx": idx}
 
-    a = _cached(key, build)
+    a = _cached(key, build, ("x", "y", "idx"))
     x, y, idx = a["x"], a["y"], a["idx"]
     tr, te = cars_split(y, idx, x, seed=seed)
     classes_file = folder / "classes.txt"

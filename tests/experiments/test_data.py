@@ -182,6 +182,9 @@ def test_cifar10_jpeg_loader_and_cache(tmp_path, monkeypatch):
     assert sorted(np.bincount(ds.y_test).tolist()) == [2, 2, 2]
     cached = list((tmp_path / "cache").glob("cifar10-jpeg-*.npz"))
     assert len(cached) == 1
+    # a truncated cache file is rebuilt, not trusted
+    cached[0].write_bytes(cached[0].read_bytes()[:100])
+    np.testing.assert_array_equal(load_dataset("cifar10-jpeg", tmp_path / "data").x_test, ds.x_test)
     # second load comes from the cache (decoding would fail now)
     monkeypatch.setattr(data, "_decode_jpeg", lambda b: (_ for _ in ()).throw(AssertionError))
     ds2 = load_dataset("cifar10-jpeg", tmp_path / "data")
