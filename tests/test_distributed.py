@@ -333,13 +333,14 @@ def _tf_main() -> None:
         def step(xs, ts, ws, fn=distributed[name]):
             def replica_fn(x_r, t_r, w_r):
                 with tf.GradientTape() as tape:
+                    # The global-batch loss / replicas (Keras' per-replica scaling).
                     loss = fn(t_r, model(x_r), w_r)
-                    scaled = loss / replicas
-                return loss, tape.gradient(scaled, model.trainable_variables)
+                return loss, tape.gradient(loss, model.trainable_variables)
 
             losses, grads = strategy.run(replica_fn, args=(xs, ts, ws))
             summed = [strategy.reduce("SUM", g, axis=None) for g in grads]
-            return strategy.experimental_local_results(losses), summed
+            local = [v * replicas for v in strategy.experimental_local_results(losses)]
+            return [strategy.reduce("SUM", losses, axis=None), *local], summed
 
         losses, grads = step(shard(x), shard(teacher), shard(weights))
         result = {
@@ -349,8 +350,9 @@ def _tf_main() -> None:
         }
         print("RESULT " + json.dumps(result), flush=True)
 
-    # model.fit recipe: one SGD step (Keras splits the batch evenly, scales
-    # the loss by 1/replicas and sums the replicas' gradients).
+    # model.fit recipe: one SGD step on one batch (Keras splits the batch
+    # evenly, scales the loss by 1/replicas and sums the replicas' gradients).
+    # Not train_on_batch: it feeds the whole batch to every replica.
     lr = 0.5
     reference_model.compile(optimizer=keras.optimizers.SGD(lr), loss=ComparativeLoss())
     with strategy.scope():
@@ -359,8 +361,9 @@ def _tf_main() -> None:
         )
     model.set_weights(reference_model.get_weights())
     before = reference_model.get_weights()
-    ref_loss = reference_model.train_on_batch(x, teacher)
-    loss = model.train_on_batch(x, teacher)
+    fit = {"batch_size": len(x), "epochs": 1, "shuffle": False, "verbose": 0}
+    ref_loss = reference_model.fit(x, teacher, **fit).history["loss"][0]
+    loss = model.fit(x, teacher, **fit).history["loss"][0]
     steps = [(b - a) / lr for a, b in zip(reference_model.get_weights(), before, strict=True)]
     dist_steps = [(b - a) / lr for a, b in zip(model.get_weights(), before, strict=True)]
     result = {
@@ -398,12 +401,21 @@ def _jax_main() -> None:
     total = 14
     x, teacher, weights = _data(total, D_IN, D_OUT)
 
+    shardings: list = []
+
+    class SpyLoss(ckd_core.ComparativeLoss):
+        """Records how the jit-compiled train step shards the student outputs."""
+
+        def call(self, y_true, y_pred, sample_weight=None):
+            jax.debug.inspect_array_sharding(y_pred, callback=shardings.append)
+            return super().call(y_true, y_pred, sample_weight)
+
     def make_student() -> keras.Model:
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
             [keras.Input((D_IN,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(D_OUT)]
         )
-        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=ckd_core.ComparativeLoss())
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=SpyLoss())
         return model
 
     # Single device reference: loss and one SGD step (lr=1: the step is the gradient).
@@ -415,10 +427,11 @@ def _jax_main() -> None:
     distribution = keras.distribution.DataParallel(devices=jax.devices())
     keras.distribution.set_distribution(distribution)
     model = make_student()
-    layout = distribution.get_data_layout(x.shape)
-    sharded = jax.device_put(x, layout.backend_layout)
-    assert len(sharded.sharding.device_set) == 2
+    shardings.clear()
     loss = model.train_on_batch(x, teacher)
+    # The loss saw the batch split over both devices, and its sums were global.
+    assert shardings and all(len(s.device_set) == 2 for s in shardings), shardings
+    assert not any(s.is_fully_replicated for s in shardings), shardings
     grads = [a - b for a, b in zip(before, model.get_weights(), strict=True)]
     print(
         "RESULT "

@@ -8,25 +8,37 @@ replica-context all-reduces of ``dim + 1`` (``dim + 2`` with
 ``sample_weight``) and 1 numbers per call, plus one number in the backward.
 
 Gradient scale: the gradient of a replica-context all-reduce is again an
-all-reduce (sum), so each replica's gradient is ``num_replicas_in_sync``
-times the global loss's gradient through its own rows. tf.distribute sums
-gradients over replicas and expects per-replica losses scaled by
-``1 / num_replicas_in_sync``; ``model.fit`` does that scaling itself. In a
-custom loop, differentiate ``loss / strategy.num_replicas_in_sync`` and the
-summed gradients equal the single-device gradient on the global batch.
+all-reduce (sum), so each replica's gradient of the global loss is
+``num_replicas_in_sync`` times the gradient through its own rows.
+tf.distribute sums gradients over replicas, and the ckd-core loss classes,
+like Keras' own losses, return the per-replica value divided by
+``num_replicas_in_sync`` inside a strategy; so in ``model.fit`` and in a
+custom loop the summed gradients equal the single-device gradient on the
+global batch, and ``strategy.reduce("SUM", loss)`` is the global loss.
+``model.fit``/``evaluate`` report the global loss. Do not use
+``train_on_batch`` under a strategy: Keras feeds the whole batch to every
+replica there, so the global batch would hold every row several times.
 
 Example (custom loop)::
 
     strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        model, optimizer = make_model(), keras.optimizers.SGD(0.1)
     loss_fn = ComparativeLoss(all_reduce=replica_sum)
 
-    def replica_step(x, teacher):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(teacher, model(x))  # global-batch loss
-            scaled = loss / strategy.num_replicas_in_sync
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
+    @tf.function
+    def step(x, teacher):  # per-replica shards, e.g. from a distributed dataset
+        def replica_step(x, teacher):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(teacher, model(x))  # global loss / replicas
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+        losses = strategy.run(replica_step, args=(x, teacher))
+        return strategy.reduce("SUM", losses, axis=None)  # the global loss
+
+With ``model.fit`` it suffices to compile under ``strategy.scope()`` with
+``loss=ComparativeLoss(all_reduce=replica_sum)``.
 """
 
 from __future__ import annotations
@@ -40,15 +52,12 @@ def replica_sum(x: tf.Tensor) -> tf.Tensor:
     """Sum of ``x`` over the replicas in sync (differentiable).
 
     The ``all_reduce`` for the core's all-pairs losses under
-    ``tf.distribute``; identity outside any strategy (one replica). Must be
-    called in a replica context: inside ``strategy.run`` or ``model.fit``.
+    ``tf.distribute``: inside ``strategy.run`` or ``model.fit`` it sums over
+    the replicas. Identity with one replica, and in the cross-replica
+    context, where a loss sees whole (not per-replica) tensors, e.g. in
+    Keras' symbolic build.
     """
     context = tf.distribute.get_replica_context()
-    if context is None:
-        raise RuntimeError(
-            "replica_sum needs a replica context: call the loss inside strategy.run(...) "
-            "or model.fit, not in the strategy's cross-replica context."
-        )
-    if context.num_replicas_in_sync == 1:
+    if context is None or context.num_replicas_in_sync == 1:
         return x
     return context.all_reduce(tf.distribute.ReduceOp.SUM, x)

@@ -16,6 +16,14 @@ from keras import ops
 
 from ckd_core import functional
 
+try:  # Keras' per-replica loss scaling under tf.distribute (identity elsewhere)
+    from keras.src.losses.loss import scale_loss_for_distribution as _scale_for_replicas
+except ImportError:  # pragma: no cover - older/newer Keras without it
+
+    def _scale_for_replicas(value: Any) -> Any:
+        return value
+
+
 __all__ = ["ComparativeLoss", "DISTLoss", "KDLoss", "ProjectedRKDLoss", "RKDLoss"]
 
 Tensor = Any
@@ -23,7 +31,13 @@ _register = keras.saving.register_keras_serializable(package="ckd_core")
 
 
 class _BatchLoss(keras.losses.Loss):
-    """Base class: ``call`` returns the batch loss, weighted by the function."""
+    """Base class: ``call`` returns the batch loss, weighted by the function.
+
+    Like Keras' own mean-reduced losses, the result is divided by the number
+    of replicas in sync under a ``tf.distribute`` strategy (TensorFlow
+    backend; a no-op otherwise): ``model.fit`` and custom loops then sum the
+    replicas' gradients, and ``model.fit`` reports the unscaled value.
+    """
 
     def __init__(self, name: str | None = None, dtype: Any = None) -> None:
         super().__init__(name=name, reduction="sum", dtype=dtype)
@@ -34,7 +48,7 @@ class _BatchLoss(keras.losses.Loss):
             if self._cast_inputs:
                 y_true = ops.convert_to_tensor(y_true, dtype=self.dtype)
                 y_pred = ops.convert_to_tensor(y_pred, dtype=self.dtype)
-            return self.call(y_true, y_pred, sample_weight)
+            return _scale_for_replicas(self.call(y_true, y_pred, sample_weight))
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -83,8 +97,15 @@ class ComparativeLoss(_BatchLoss):
     ) -> Tensor:
         if isinstance(pairs, str) and groups is None:
             return super().__call__(y_true, y_pred, sample_weight)
-        return functional.comparative_loss(
-            y_true, y_pred, sample_weight, pairs=pairs, groups=groups, all_reduce=self.all_reduce
+        return _scale_for_replicas(
+            functional.comparative_loss(
+                y_true,
+                y_pred,
+                sample_weight,
+                pairs=pairs,
+                groups=groups,
+                all_reduce=self.all_reduce,
+            )
         )
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
