@@ -69,7 +69,7 @@ class ComparativeLoss(_BatchLoss):
         >>> teacher = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], "float32")
         >>> student = np.array([[1.0, 0.5], [0.0, 1.0], [1.0, 1.0]], "float32")
         >>> round(float(ComparativeLoss()(teacher, student)), 4)
-        0.0417
+        0.0833
 
     ``all_reduce`` (a function summing a tensor over data-parallel replicas)
     makes the all-pairs loss cover the global batch of all replicas; it is
