@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--max-epochs", type=int, default=None)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--results", default=None, help="also append the row to this JSONL")
 
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("config", help="TOML path or bundled name (table1, table2, fig3_cars, "
                                   "fig4_rkd_d)")
     g.add_argument("--results", default=None, help="results JSONL (default: from the config)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     g.add_argument("--data-dir", default=None)
     g.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     g.add_argument("--shard", default=None, metavar="I/N",
@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override every run's dataset (e.g. cifar100 where it exists)")
     g.add_argument("--preset", choices=["paper", "fast"], default=None,
                    help="override every run's preset")
+    g.add_argument("--stack", type=int, default=1, metavar="N",
+                   help="train up to N compatible runs (seeds, lrs) in one stacked vmap step "
+                        "(students.run_students); 1 = one run at a time")
     g.add_argument("--keep-going", action="store_true",
                    help="log failed runs to <results>.failed.jsonl and continue")
     g.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
@@ -143,7 +146,7 @@ def _cmd_grid(a: argparse.Namespace) -> int:
               grid.StudentRunner(cfg, device=a.device, data_dir=a.data_dir))
     counts = grid.run_grid(specs, results, run_fn, max_runs=a.max_runs,
                            keep_going=a.keep_going, progress=not a.no_progress,
-                           grid_name=cfg["name"])
+                           grid_name=cfg["name"], stack=a.stack)
     print(f"grid {cfg['name']}: {counts} -> {results}", file=sys.stderr)
     return 1 if counts["failed"] else 0
 

@@ -40,7 +40,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,11 +308,15 @@ def run_grid(
     keep_going: bool = False,
     progress: bool = True,
     grid_name: str | None = None,
+    stack: int = 1,
 ) -> dict[str, int]:
     """Run every spec whose id is not yet in ``results``; append one row per finished run.
 
-    ``run_fn(spec) -> row`` does the work (injected for testability). Returns counts
-    ``{"total", "skipped", "ran", "failed"}``.
+    ``run_fn(spec) -> row`` does the work (injected for testability). With ``stack > 1``
+    and a ``run_fn`` that has ``run_batch(specs) -> rows`` and ``batch_key(spec)``, up to
+    ``stack`` pending runs with the same key are trained together (one stacked step on
+    the device); their rows are appended when the batch finishes, so a kill loses at
+    most the batch in flight. Returns counts ``{"total", "skipped", "ran", "failed"}``.
     """
     results = Path(results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -324,39 +328,68 @@ def run_grid(
         pending = pending[:max_runs]
     counts = {"total": len(specs), "skipped": sum(s["run_id"] in done for s in specs),
               "ran": 0, "failed": 0}
+    run_batch = getattr(run_fn, "run_batch", None) if stack > 1 else None
+    chunks = (batches(pending, run_fn.batch_key, stack)  # type: ignore[attr-defined]
+              if run_batch is not None else [[s] for s in pending])
     print(f"grid {grid_name or ''}: {len(specs)} runs, {counts['skipped']} already in "
-          f"{results}, {len(pending)} to run", file=sys.stderr)
+          f"{results}, {len(pending)} to run"
+          + (f" in {len(chunks)} stacked batches" if run_batch is not None else ""),
+          file=sys.stderr)
     failed_path = results.with_name(results.stem + ".failed.jsonl")
     bar = _progress(len(pending), grid_name, progress)
     try:
-        for spec in pending:
-            bar.set_description(f"{grid_name or 'grid'} {spec.get('method')}@{spec.get('budget')}"
-                                f" s{spec.get('seed')}")
+        for chunk in chunks:
+            s0 = chunk[0]
+            bar.set_description(f"{grid_name or 'grid'} {s0.get('method')}@{s0.get('budget')}"
+                                + (f" x{len(chunk)}" if len(chunk) > 1 else
+                                   f" s{s0.get('seed')}"))
             t0 = time.perf_counter()
             try:
-                out = dict(run_fn(spec))
+                outs = (list(run_batch(chunk)) if run_batch is not None
+                        else [run_fn(chunk[0])])
+                if len(outs) != len(chunk):
+                    raise RuntimeError(f"run function returned {len(outs)} rows for "
+                                       f"{len(chunk)} runs")
             except KeyboardInterrupt:
                 raise
             except Exception as e:
-                counts["failed"] += 1
+                counts["failed"] += len(chunk)
                 if not keep_going:
                     raise
-                append_row(failed_path, {"run_id": spec["run_id"], "spec": spec,
-                                         "error": repr(e), "traceback": traceback.format_exc(),
-                                         "time": time.time()})
-                print(f"run {spec['run_id']} failed: {e!r}", file=sys.stderr)
-                bar.update(1)
+                for spec in chunk:
+                    append_row(failed_path, {"run_id": spec["run_id"], "spec": spec,
+                                             "error": repr(e), "time": time.time(),
+                                             "traceback": traceback.format_exc()})
+                print(f"{len(chunk)} run(s) from {s0['run_id']} failed: {e!r}",
+                      file=sys.stderr)
+                bar.update(len(chunk))
                 continue
-            row = _finalize_row(spec, out, grid_name, time.perf_counter() - t0)
-            append_row(results, row)
-            counts["ran"] += 1
+            wall = (time.perf_counter() - t0) / len(chunk)
+            for spec, out in zip(chunk, outs, strict=True):
+                row = _finalize_row(spec, dict(out), grid_name, wall)
+                append_row(results, row)
+                counts["ran"] += 1
             acc = row.get("test_acc")
             if isinstance(acc, (int, float)):
                 bar.set_postfix_str(f"test_acc={acc:.4f}")
-            bar.update(1)
+            bar.update(len(chunk))
     finally:
         bar.close()
     return counts
+
+
+def batches(specs: Sequence[RunSpec], key: Callable[[RunSpec], Any],
+            size: int) -> list[list[RunSpec]]:
+    """Group specs by ``key`` (first-appearance order), then split into chunks of <= size.
+
+    >>> [[s["i"] for s in b] for b in batches([{"i": i, "k": i % 2} for i in range(5)],
+    ...                                     lambda s: s["k"], 2)]
+    [[0, 2], [4], [1, 3]]
+    """
+    groups: dict[Any, list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault(key(s), []).append(s)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def _finalize_row(spec: RunSpec, out: Mapping[str, Any], grid_name: str | None,
@@ -410,7 +443,7 @@ class StudentRunner:
     ordered teacher-major by :func:`expand`).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], *, device: str = "cpu",
+    def __init__(self, cfg: Mapping[str, Any], *, device: str = "auto",
                  data_dir: str | None = None, progress: bool = False) -> None:
         self.cfg = cfg
         self.device = device
@@ -430,33 +463,34 @@ class StudentRunner:
         return self._datasets[key]
 
     def teacher_path(self, spec: RunSpec) -> Path:
+        """The teacher's safetensors; trained (once, shared across configs) when missing.
+
+        Trained teachers live in ``teachers_dir/<arch>_<hash of identity>/`` so that
+        teachers differing in anything (epochs, seed, lr, dataset) never collide.
+        """
         if spec.get("teacher_path"):
             return Path(spec["teacher_path"])
         t = self.cfg["teachers"][spec["teacher"]]
         if "path" in t:
             return Path(t["path"])
-        ident = spec["teacher_id"]
-        path = self.teachers_dir / (
-            f"{spec['teacher']}_{ident['dataset']}_e{ident['epochs']}_s{ident['seed']}.safetensors")
-        if not path.exists():
-            from reference_experiments import teacher
+        from reference_experiments import teacher
 
-            print(f"training teacher {spec['teacher']} ({ident}) -> {path}", file=sys.stderr)
+        ident = spec["teacher_id"]
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+        out_dir = self.teachers_dir / f"{ident['arch']}_{digest}"
+        ds = self.dataset(ident["dataset"])
+        path = out_dir / (teacher.teacher_name(ident["arch"], ds, ident["epochs"],
+                                               ident["seed"]) + ".safetensors")
+        if not path.exists():
+            print(f"training teacher {spec['teacher']} ({ident}) -> {out_dir}", file=sys.stderr)
             kw = {k: ident[k] for k in ("lr", "batch_size") if k in ident}
-            out = teacher.train_teacher(
-                ident["arch"], self.dataset(ident["dataset"]), epochs=ident["epochs"],
-                seed=ident["seed"], out_dir=self.teachers_dir, device=self.device,
-                progress=self.progress, **kw)
-            out = Path(out)
-            if out != path:  # keep the grid's name so reruns find it
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(out, path)
-                meta = out.with_suffix(".json")
-                if meta.exists():
-                    os.replace(meta, path.with_suffix(".json"))
+            path = Path(teacher.train_teacher(
+                ident["arch"], ds, epochs=ident["epochs"], seed=ident["seed"], out_dir=out_dir,
+                device=self.device, progress=self.progress, **kw))
         return path
 
     def teacher(self, spec: RunSpec) -> tuple[Path, Any]:
+        """(path, (model, metadata)), loaded once and reused while the teacher is the same."""
         from reference_experiments import teacher
 
         path = self.teacher_path(spec)
@@ -467,18 +501,17 @@ class StudentRunner:
         return path, self._teachers[key]
 
     def config(self, spec: RunSpec, teacher_path: Path | None) -> Any:
+        """The ``StudentConfig`` of a spec (spec keys it does not know are left out)."""
         import dataclasses
 
         from reference_experiments.students import StudentConfig
 
         names = {f.name for f in dataclasses.fields(StudentConfig)}
-        values = {k: v for k, v in spec.items() if k in names}
-        extra = {"device": self.device, "data_dir": self.data_dir,
-                 "teacher_path": str(teacher_path) if teacher_path else None,
-                 "teacher": str(teacher_path) if teacher_path else None}
-        for k, v in extra.items():
-            if k in names and v is not None:
-                values[k] = v
+        values = {k: v for k, v in spec.items()
+                  if k in names and k not in ("teacher", "device", "data_dir") and v is not None}
+        values["teacher"] = str(teacher_path) if teacher_path else None
+        values["device"] = self.device
+        values["data_dir"] = self.data_dir
         return StudentConfig(**values)
 
     def __call__(self, spec: RunSpec) -> Mapping[str, Any]:
@@ -491,6 +524,27 @@ class StudentRunner:
         else:
             path, model = self.teacher(spec)
         return run_student(self.config(spec, path), dataset=ds, teacher=model)
+
+    #: spec keys that must agree for runs to share one stacked step
+    STACK_KEYS = ("dataset", "teacher_id", "student_arch", "method", "budget", "preset",
+                  "teacher_view", "batch_size", "max_epochs", "patience")
+
+    def batch_key(self, spec: RunSpec) -> str:
+        return json.dumps([spec.get(k) for k in self.STACK_KEYS], sort_keys=True, default=str)
+
+    def run_batch(self, specs: Sequence[RunSpec]) -> list[Mapping[str, Any]]:
+        """Several runs (same :meth:`batch_key`) through ``students.run_students``, which
+        stacks compatible runs (seeds, lrs) into one ``torch.func.vmap`` step."""
+        from reference_experiments.students import run_students
+
+        spec = specs[0]
+        ds = self.dataset(spec["dataset"])
+        if spec["method"] == "ce":
+            path = self.teacher_path(spec) if self._teacher_available(spec) else None
+            model = self._teachers.get(str(path)) if path else None
+        else:
+            path, model = self.teacher(spec)
+        return run_students([self.config(s, path) for s in specs], dataset=ds, teacher=model)
 
     def _teacher_available(self, spec: RunSpec) -> bool:
         if spec.get("teacher_path"):

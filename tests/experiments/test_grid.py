@@ -169,3 +169,27 @@ def test_kill9_mid_grid_then_resume(tmp_path, sleep, payload):
     assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
     assert [r["run_id"] for r in rows[: len(first)]] == [r["run_id"] for r in first]
     assert not list(res.parent.glob(".*.tmp"))
+
+
+def test_stacked_batches(tmp_path):
+    specs = grid.expand(grid.load_config(_write_cfg(tmp_path)))
+    sizes = []
+
+    class Runner:
+        def __call__(self, spec):
+            raise AssertionError("stack > 1 must use run_batch")
+
+        def batch_key(self, spec):
+            return (spec["teacher"], spec["method"], spec["budget"])
+
+        def run_batch(self, chunk):
+            assert len({self.batch_key(s) for s in chunk}) == 1
+            sizes.append(len(chunk))
+            return [{"test_acc": 0.5, "seed_seen": s["seed"]} for s in chunk]
+
+    res = tmp_path / "r.jsonl"
+    c = grid.run_grid(specs, res, Runner(), stack=2, progress=False)
+    assert c["ran"] == len(specs) and max(sizes) == 2 and sum(sizes) == len(specs)
+    rows = grid.read_results(res)
+    assert sorted(r["run_id"] for r in rows) == sorted(s["run_id"] for s in specs)
+    assert all(r["seed_seen"] == r["seed"] for r in rows)  # rows matched to their specs
