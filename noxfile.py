@@ -100,3 +100,15 @@ def typecheck(session: nox.Session) -> None:
     """mypy on src/ and adapters/ (with torch installed, so the torch adapter is checked)."""
     _install(session, "-e", ".", "mypy", "torch")
     session.run("mypy", *TYPECHECK_PATHS)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Loss benchmark (benchmarks/losses.py): ``--quick`` grid unless arguments follow ``--``.
+
+    ``nox -s bench -- --full`` runs the grid of the README's Performance table
+    (about an hour on 2 cores); results go to ``benchmarks/results/``. Not part
+    of the default sessions: timings are not tests.
+    """
+    _install(session, "-e", ".", "torch", "jax", "tensorflow-cpu")
+    session.run("python", "benchmarks/losses.py", *(session.posargs or ["--quick"]))
