@@ -129,6 +129,12 @@ class MethodSpec:
         """The student runs on 2 x batch_size images per step."""
         return self.base in ("ckd_pairs", "ckd_groups", "mixup")
 
+    @property
+    def stackable(self) -> bool:
+        """Runs with torch.func.vmap (RKD's angle term is an autograd.Function
+        without ``setup_context``, which functorch transforms reject)."""
+        return self.base != "rkd"
+
     def teacher_feature_indices(self, num_features: int) -> tuple[int, ...]:
         """Indices of ``teacher(x, return_features=True)[1]`` to cache."""
         if self.whitebox == "fitnets":
@@ -281,10 +287,9 @@ class CRD(nn.Module):
 
     def sample(self, generator: torch.Generator | None, idx: torch.Tensor) -> torch.Tensor:
         """``(len(idx), K + 1)`` memory indices: the positive, then K negatives."""
-        neg = torch.randint(
-            self.n_data, (idx.shape[0], self.k), device=idx.device, generator=generator
-        )
-        return torch.cat([idx[:, None], neg], dim=1)
+        shape = (*idx.shape, self.k)  # idx may carry leading run dims
+        neg = torch.randint(self.n_data, shape, device=idx.device, generator=generator)
+        return torch.cat([idx[..., None], neg], dim=-1)
 
     def _nce(self, p: torch.Tensor) -> torch.Tensor:
         """RepDistiller ``ContrastLoss``: column 0 positive, the rest noise."""
@@ -313,8 +318,8 @@ class CRD(nn.Module):
             m = self.momentum
             new_s = F.normalize(self.memory_s[idx] * m + v_s.detach() * (1 - m), dim=1)
             new_t = F.normalize(self.memory_t[idx] * m + v_t.detach() * (1 - m), dim=1)
-            self.memory_s.index_copy_(0, idx, new_s.to(self.memory_s.dtype))
-            self.memory_t.index_copy_(0, idx, new_t.to(self.memory_t.dtype))
+            self.memory_s.index_put_((idx,), new_s.to(self.memory_s.dtype))
+            self.memory_t.index_put_((idx,), new_t.to(self.memory_t.dtype))
         return loss
 
 
@@ -406,11 +411,12 @@ class Method(nn.Module):
 
     def sample(self, generator: torch.Generator | None, idx: torch.Tensor) -> Batch:
         """All random choices of one step, given the ``images_per_step``
-        cached-sample indices ``idx`` drawn by the runner."""
+        cached-sample indices ``idx`` drawn by the runner (``idx`` may have
+        leading dimensions, one per stacked run)."""
         batch: Batch = {"idx": idx}
         if self.spec.base == "mixup":
             # lam ~ Beta(1, 1) = U(0, 1); one lam per step, as in mixup
-            batch["lam"] = torch.rand((), device=idx.device, generator=generator)
+            batch["lam"] = torch.rand(idx.shape[:-1], device=idx.device, generator=generator)
         if self.spec.base == "crd":
             batch["contrast"] = self.crd.sample(generator, idx)
         return batch
@@ -465,7 +471,9 @@ class Method(nn.Module):
         elif base == "crd":
             parts["crd"] = self.crd(s, t, batch["idx"], batch["contrast"])
         elif spec.is_ckd:
-            onehot = F.one_hot(labels, self.num_classes).float()
+            # (not F.one_hot: it syncs with the host on CUDA and breaks vmap)
+            classes = torch.arange(self.num_classes, device=labels.device)
+            onehot = (labels[:, None] == classes).to(s.dtype)
             kw: dict[str, Any] = {}
             if base == "ckd_pairs":
                 kw["pairs"] = (self.pair_a, self.pair_b)

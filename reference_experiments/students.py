@@ -38,6 +38,7 @@ takes one SGD step for all of them (``fast`` preset only).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -551,6 +552,371 @@ def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None)
     return row
 
 
-def run_students(cfgs: Sequence[StudentConfig], **kwargs: Any) -> list[dict]:
-    """Runs several configurations; see :func:`run_student` (sequential for now)."""
-    return [run_student(c, **kwargs) for c in cfgs]
+class Learner(nn.Module):
+    """Student + method as one module: ``forward`` is :func:`step_loss`
+    (``predict=True``: the student's logits), so ``torch.func.functional_call``
+    over stacked parameters gives the step of many runs at once."""
+
+    def __init__(
+        self, student: nn.Module, method: Method, need_features: bool, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.need_features = need_features
+        self.autocast_device = device
+
+    def forward(self, x, teacher=None, labels=None, batch=None, predict: bool = False):
+        if predict:
+            with _autocast(self.autocast_device):
+                return self.student(x).float()
+        return step_loss(
+            self.student,
+            self.method,
+            x,
+            teacher,
+            labels,
+            batch,
+            need_features=self.need_features,
+            autocast_device=self.autocast_device,
+        )
+
+
+def _group_key(cfg: StudentConfig) -> tuple:
+    keys = (
+        "dataset",
+        "student_arch",
+        "method",
+        "budget",
+        "batch_size",
+        "preset",
+        "teacher",
+        "teacher_view",
+        "max_epochs",
+        "patience",
+        "device",
+        "val_fraction",
+    )
+    return tuple(getattr(cfg, k) for k in keys) + (json.dumps(cfg.weights, sort_keys=True),)
+
+
+def run_students(
+    cfgs: Sequence[StudentConfig],
+    *,
+    dataset: Any = None,
+    teacher: Any = None,
+    max_stack: int = 32,
+) -> list[dict]:
+    """Runs many configurations, stacking compatible ones into one step.
+
+    Runs that share dataset, student, method, budget, batch size, preset and
+    teacher (they may differ in seed and lr) are trained together: their
+    parameters are stacked (``torch.func.stack_module_state``) and one
+    ``vmap(grad(functional_call(...)))`` computes every run's step, followed
+    by one stacked SGD update (momentum, weight decay, per-run lr and
+    early-stopping state). ``lr=None`` in the ``paper`` preset puts the
+    three candidate lrs in the stack and keeps the best on validation.
+    Methods that functorch cannot transform (RKD) run one by one.
+    Rows come back in the order of ``cfgs``, with the :func:`run_student`
+    keys plus ``stacked_runs`` and ``stack_images_per_s`` (all runs' images
+    per second); ``train_images_per_s`` is one run's share.
+
+    Randomness differs from :func:`run_student` (one generator per stack),
+    so a stacked run is not bit-identical to the same run alone.
+    """
+    rows: list[dict | None] = [None] * len(cfgs)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        if not parse_method(c.method).stackable:
+            rows[i] = run_student(c, dataset=dataset, teacher=teacher)
+            continue
+        groups.setdefault(_group_key(c), []).append(i)
+    for members in groups.values():
+        if not _vmappable(cfgs[members[0]], dataset):
+            for i in members:
+                rows[i] = run_student(cfgs[i], dataset=dataset, teacher=teacher)
+            continue
+        for start in range(0, len(members), max_stack):
+            chunk = members[start : start + max_stack]
+            for i, row in zip(
+                chunk, _run_stack([cfgs[i] for i in chunk], dataset, teacher), strict=True
+            ):
+                rows[i] = row
+    return [r for r in rows if r is not None]
+
+
+_VMAPPABLE: dict[str, bool] = {}
+
+
+def _vmappable(cfg: StudentConfig, dataset: Any) -> bool:
+    """Whether the method's loss runs under ``vmap(grad(...))``: probed once
+    per method on random logits (a loss implemented with an
+    ``autograd.Function`` lacking ``setup_context`` makes functorch refuse)."""
+    spec = parse_method(cfg.method)
+    if not spec.stackable:
+        return False
+    if spec.base in _VMAPPABLE:
+        return _VMAPPABLE[spec.base]
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    classes, b = 5, 4
+    method = build_method(
+        dataclasses.replace(spec, whitebox=None), num_classes=classes, n_train=16, batch_size=b
+    )
+    params, buffers = stack_module_state([method, copy.deepcopy(method)])
+    base = copy.deepcopy(method).to("meta")
+    m = method.images_per_step
+    idx = torch.stack([torch.randperm(16)[:m] for _ in range(2)])
+    batch = method.sample(None, idx)
+
+    def loss(p, bufs, s, t, y, bt):
+        return functional_call(base, (p, bufs), (s, None, {"logits": t}, y, bt))[0]
+
+    try:
+        vmap(grad(loss, argnums=2))(
+            params,
+            buffers,
+            torch.randn(2, m, classes),
+            torch.randn(2, m, classes),
+            torch.randint(0, classes, (2, m)),
+            batch,
+        )
+        ok = True
+    except RuntimeError as err:
+        if "functorch" not in str(err) and "vmap" not in str(err):
+            raise
+        ok = False
+    _VMAPPABLE[spec.base] = ok
+    return ok
+
+
+def _stacked_sgd(params, grads, bufs, lr_view, momentum: float, wd: float) -> None:
+    keys = list(params)
+    p = [params[k] for k in keys]
+    g = [grads[k] for k in keys]
+    b = [bufs[k] for k in keys]
+    torch._foreach_add_(g, p, alpha=wd)
+    torch._foreach_mul_(b, momentum)
+    torch._foreach_add_(b, g)
+    torch._foreach_sub_(p, torch._foreach_mul(b, [lr_view(t) for t in p]))
+
+
+def _run_stack(cfgs: Sequence[StudentConfig], dataset: Any, teacher: Any) -> list[dict]:
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    from reference_experiments.augment import augment, preprocess_eval
+
+    t_start = time.perf_counter()
+    cfg0 = cfgs[0]
+    preset = PRESETS[cfg0.preset]
+    # one entry per trained model: (config index, lr)
+    trials: list[tuple[int, float]] = []
+    for i, c in enumerate(cfgs):
+        if c.lr is not None:
+            trials.append((i, float(c.lr)))
+        elif preset.name == "paper":
+            trials += [(i, lr) for lr in PAPER_LRS]
+        else:
+            trials.append((i, preset.default_lr))
+    runs = [_Run(c, dataset, teacher) for c in cfgs]
+    dataset = runs[0].dataset
+    device = runs[0].device
+    spec = runs[0].spec
+    n_r = len(trials)
+    learners = []
+    for j, (i, _) in enumerate(trials):
+        student, method = runs[i].new_models(j)
+        learners.append(Learner(student, method, spec.whitebox is not None, device))
+    params, buffers = stack_module_state(learners)
+    params = {k: v.detach() for k, v in params.items()}
+    base = copy.deepcopy(learners[0]).to("meta")
+    method0 = learners[0].method
+    del learners
+
+    def pick(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([ts[i] for i, _ in trials])
+
+    x_train = pick([r.x_train for r in runs])  # (R, n, H, W, C) uint8
+    y_train = pick([r.y_train for r in runs])
+    tcache = {k: pick([r.tcache[k] for r in runs]) for k in runs[0].tcache}
+    x_val = pick([r.x_val for r in runs])
+    y_val = pick([r.y_val for r in runs])
+    n_train = runs[0].n_train
+    rows_r = torch.arange(n_r, device=device)[:, None]
+
+    def loss_fn(p, b, x, t, y, batch):
+        loss, parts = functional_call(base, (p, b), (x, t, y, batch))
+        return loss, loss.detach()
+
+    step_grad = vmap(grad(loss_fn, has_aux=True))
+
+    def predict(p, b, x):
+        return functional_call(base, (p, b), (x,), {"predict": True})
+
+    @torch.no_grad()
+    def accuracy(x_u8: torch.Tensor, y: torch.Tensor, shared: bool) -> torch.Tensor:
+        """Per-run accuracy, (R,); ``shared``: one image set for all runs."""
+        base.eval()
+        correct = torch.zeros(n_r, device=device)
+        chunk = max(1, cfg0.eval_batch_size // (1 if shared else n_r))
+        n = x_u8.shape[0] if shared else x_u8.shape[1]
+        for s0 in range(0, n, chunk):
+            if shared:
+                xb = preprocess_eval(x_u8[s0 : s0 + chunk], dataset)
+                logits = vmap(predict, in_dims=(0, 0, None))(params, buffers, xb)
+                yb = y[s0 : s0 + chunk][None]
+            else:
+                xs = x_u8[:, s0 : s0 + chunk]
+                xb = preprocess_eval(xs.flatten(0, 1), dataset).unflatten(0, xs.shape[:2])
+                logits = vmap(predict)(params, buffers, xb)
+                yb = y[:, s0 : s0 + chunk]
+            correct += (logits.argmax(-1) == yb).sum(-1)
+        base.train()
+        return correct / n
+
+    lr_base = torch.tensor([lr for _, lr in trials], device=device)
+    lr_scale = torch.ones(n_r, device=device)  # decays (plateau) / freeze (0)
+
+    def lr_view(t: torch.Tensor) -> torch.Tensor:
+        return lr_now.view(-1, *([1] * (t.dim() - 1)))
+
+    momentum_bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+    max_epochs = (
+        preset.max_epochs if cfg0.max_epochs is None else min(preset.max_epochs, cfg0.max_epochs)
+    )
+    patience = preset.patience if cfg0.patience is None else cfg0.patience
+    steps = math.ceil(n_train / cfg0.batch_size)
+    per_step = method0.images_per_step
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg0.seed * 7919 + 17)
+    best_params = {k: v.clone() for k, v in params.items()}
+    best_buffers = {k: v.clone() for k, v in buffers.items()}
+    best_val = [-1.0] * n_r
+    best_epoch = [0] * n_r
+    since_best = [0] * n_r
+    decays = [0] * n_r
+    done = [False] * n_r
+    last_epoch = [0] * n_r
+    train_time = 0.0
+    total_steps = 0
+    epoch = 0
+    base.train()
+
+    def where_runs(mask: torch.Tensor, a: dict, b: dict) -> None:
+        """``b[k][r] = a[k][r]`` for runs where ``mask``."""
+        for k in b:
+            m = mask.view(-1, *([1] * (b[k].dim() - 1)))
+            b[k].copy_(torch.where(m, a[k], b[k]))
+
+    for epoch in range(1, max_epochs + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        reps = math.ceil(steps * per_step / n_train)
+        keys = torch.rand((n_r, reps, n_train), device=device, generator=gen)
+        order = keys.argsort(-1).flatten(1)[:, : steps * per_step].view(n_r, steps, per_step)
+        loss_sum = torch.zeros(n_r, device=device)
+        for s in range(steps):
+            idx = order[:, s]  # (R, M)
+            batch = method0.sample(gen, idx)
+            imgs = x_train[rows_r, idx]  # (R, M, H, W, C)
+            x = augment(imgs.flatten(0, 1), dataset, gen).unflatten(0, idx.shape)
+            t = {k: v[rows_r, idx] for k, v in tcache.items()}
+            grads, loss = step_grad(params, buffers, x, t, y_train[rows_r, idx], batch)
+            it = (epoch - 1) * steps + s
+            if preset.schedule == "cosine":
+                factor = 0.5 * (1 + math.cos(math.pi * it / (max_epochs * steps)))
+            else:
+                factor = 1.0
+            lr_now = lr_base * lr_scale * factor
+            _stacked_sgd(
+                params, grads, momentum_bufs, lr_view, preset.momentum, preset.weight_decay
+            )
+            loss_sum += loss.detach()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - t0
+        total_steps += steps
+        losses = (loss_sum / steps).tolist()
+        for r, value in enumerate(losses):
+            if not done[r] and not math.isfinite(value):
+                i, lr = trials[r]
+                c = cfgs[i]
+                raise FloatingPointError(
+                    f"non-finite training loss ({value}) in epoch {epoch} of {c.method} "
+                    f"({c.student_arch}, budget {c.budget}, seed {c.seed}, lr {lr:g}, stacked)"
+                )
+        val = accuracy(x_val, y_val, shared=False).tolist()
+        improved = torch.zeros(n_r, dtype=torch.bool)
+        reload = torch.zeros(n_r, dtype=torch.bool)
+        for r in range(n_r):
+            if done[r]:
+                continue
+            last_epoch[r] = epoch
+            if val[r] > best_val[r]:
+                best_val[r], best_epoch[r], since_best[r] = val[r], epoch, 0
+                improved[r] = True
+            else:
+                since_best[r] += 1
+            if preset.schedule == "plateau" and since_best[r] >= patience:
+                if decays[r] >= preset.max_decays:
+                    done[r] = True
+                    lr_scale[r] = 0.0
+                else:
+                    decays[r] += 1
+                    lr_scale[r] *= preset.lr_decay
+                    since_best[r] = 0
+                    reload[r] = True
+        improved_d, reload_d = improved.to(device), reload.to(device)
+        where_runs(improved_d, params, best_params)
+        where_runs(improved_d, buffers, best_buffers)
+        if reload.any():
+            where_runs(reload_d, best_params, params)
+            where_runs(reload_d, best_buffers, buffers)
+            zeros = {k: torch.zeros_like(v) for k, v in momentum_bufs.items()}
+            where_runs(reload_d, zeros, momentum_bufs)
+        if cfg0.log_every and epoch % cfg0.log_every == 0:
+            print(f"[stack {cfg0.method} x{n_r}] epoch {epoch} val {val}", flush=True)
+        if all(done):
+            break
+    params, buffers = best_params, best_buffers
+    x_test = torch.from_numpy(np.ascontiguousarray(dataset.x_test)).to(device)
+    y_test = torch.from_numpy(np.ascontiguousarray(dataset.y_test)).to(device).long()
+    test_acc = accuracy(x_test, y_test, shared=True).tolist()
+    wall = time.perf_counter() - t_start
+    images_per_run = total_steps * per_step
+    out = []
+    for i, c in enumerate(cfgs):
+        mine = [r for r, (ci, _) in enumerate(trials) if ci == i]
+        r = max(mine, key=lambda q: best_val[q])
+        run = runs[i]
+        out.append(
+            {
+                "dataset": dataset.name,
+                "teacher_arch": run.teacher_arch,
+                "student_arch": c.student_arch,
+                "method": c.method,
+                "budget": c.budget,
+                "teacher_calls": run.teacher_calls,
+                "seed": c.seed,
+                "preset": preset.name,
+                "teacher_view": c.teacher_view,
+                "lr": trials[r][1],
+                "lrs_tried": [trials[q][1] for q in mine],
+                "best_val_acc": best_val[r],
+                "test_acc": test_acc[r],
+                "best_epoch": best_epoch[r],
+                "epochs": last_epoch[r],
+                "steps": total_steps * len(mine),
+                "train_images_per_s": images_per_run / train_time,
+                "stack_images_per_s": images_per_run * n_r / train_time,
+                "stacked_runs": n_r,
+                "wall_s": wall,
+                "n_train": run.n_train,
+                "n_val": len(run.val_ids),
+                "new_teacher_calls": 0 if run.budget is None else run.budget.new_calls,
+                "device": str(device),
+                **c.extra,
+            }
+        )
+    return out

@@ -230,3 +230,76 @@ def test_mixup_and_crd_steps():
     changed = (crd.crd.memory_s != before).any(1).nonzero().flatten()
     assert changed.tolist() == idx.tolist()  # memory updated at the batch's ids only
     assert (crd.crd.z > 0).all()  # normalisation constants set from the first batch
+
+
+@pytest.mark.parametrize("name", ["kd", "ckd_pairs", "crd", "mixup", "fitnets"])
+def test_stacked_step_matches_single_runs(name):
+    """vmap(grad(functional_call(Learner))) over stacked runs = each run's own grads."""
+    import copy
+
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    from reference_experiments.students import Learner
+
+    torch.manual_seed(3)
+    b, classes, n_runs = 4, 4, 3
+    shapes = models.feature_shapes(models.create_model("digits_cnn", classes, 1), (1, 8, 8))
+    learners = [
+        Learner(
+            models.create_model("digits_cnn", classes, 1),
+            methods.build_method(
+                name,
+                num_classes=classes,
+                n_train=12,
+                batch_size=b,
+                student_shapes=shapes,
+                teacher_shapes=shapes,
+            ),
+            need_features=name == "fitnets",
+            device=torch.device("cpu"),
+        )
+        for _ in range(n_runs)
+    ]
+    singles = [copy.deepcopy(m) for m in learners]
+    params, buffers = stack_module_state(learners)
+    base = copy.deepcopy(learners[0]).to("meta")
+    m = learners[0].method.images_per_step
+    idx = torch.stack([torch.randperm(12)[:m] for _ in range(n_runs)])
+    batch = learners[0].method.sample(torch.Generator().manual_seed(0), idx)
+    x = torch.randn(n_runs, m, 1, 8, 8)
+    teacher = {
+        "logits": torch.randn(n_runs, m, classes),
+        "feat2": torch.randn(n_runs, m, 128, 2, 2),
+    }
+    y = torch.randint(0, classes, (n_runs, m))
+
+    def loss_fn(p, bufs, *args):
+        return functional_call(base, (p, bufs), args)[0]
+
+    grads = vmap(grad(loss_fn))(params, buffers, x, teacher, y, batch)
+    for r, single in enumerate(singles):
+        pick = {k: v[r] for k, v in batch.items()}
+        loss, _ = single(x[r], {k: v[r] for k, v in teacher.items()}, y[r], pick)
+        loss.backward()
+        for pname, p in single.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(grads[pname][r], p.grad, atol=1e-5, rtol=1e-4)
+        for bname, buf in single.named_buffers():
+            torch.testing.assert_close(buffers[bname][r], buf)  # BN stats / CRD memory
+
+
+def test_run_students_stacks_seeds_and_lrs(dataset):
+    from reference_experiments.students import run_students
+
+    teacher = CountingTeacher()
+    cfgs = [cfg(method="ckd_pairs", seed=s, preset="paper", lr=None, max_epochs=2) for s in (0, 1)]
+    cfgs.append(cfg(method="rkd", seed=0))  # RKD cannot be vmapped: runs alone
+    rows = run_students(cfgs, dataset=dataset, teacher=teacher)
+    assert [r["method"] for r in rows] == ["ckd_pairs", "ckd_pairs", "rkd"]
+    assert [r["seed"] for r in rows] == [0, 1, 0]
+    assert teacher.images == 3 * 48  # one query per run, shared by its lr trials
+    for r in rows[:2]:
+        assert r["stacked_runs"] == 6 and r["lrs_tried"] == [0.1, 0.05, 0.025]
+        assert r["teacher_calls"] == 48 and 0 <= r["test_acc"] <= 1
+        assert r["epochs"] == 2 and r["lr"] in r["lrs_tried"]
+    assert "stacked_runs" not in rows[2]
