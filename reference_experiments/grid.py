@@ -70,8 +70,16 @@ AXES = {
 }
 
 #: spec keys that say where/how a run executes, not what it computes
-NON_IDENTITY_KEYS = {"run_id", "device", "data_dir", "teacher_path", "grid", "paper_dataset",
-                     "progress", "teachers_dir"}
+NON_IDENTITY_KEYS = {
+    "run_id",
+    "device",
+    "data_dir",
+    "teacher_path",
+    "grid",
+    "paper_dataset",
+    "progress",
+    "teachers_dir",
+}
 
 SPEC_DEFAULTS: dict[str, Any] = {
     "preset": "paper",
@@ -326,30 +334,40 @@ def run_grid(
     pending = [s for s in specs if s["run_id"] not in done]
     if max_runs is not None:
         pending = pending[:max_runs]
-    counts = {"total": len(specs), "skipped": sum(s["run_id"] in done for s in specs),
-              "ran": 0, "failed": 0}
+    counts = {
+        "total": len(specs),
+        "skipped": sum(s["run_id"] in done for s in specs),
+        "ran": 0,
+        "failed": 0,
+    }
     run_batch = getattr(run_fn, "run_batch", None) if stack > 1 else None
-    chunks = (batches(pending, run_fn.batch_key, stack)  # type: ignore[attr-defined]
-              if run_batch is not None else [[s] for s in pending])
-    print(f"grid {grid_name or ''}: {len(specs)} runs, {counts['skipped']} already in "
-          f"{results}, {len(pending)} to run"
-          + (f" in {len(chunks)} stacked batches" if run_batch is not None else ""),
-          file=sys.stderr)
+    chunks = (
+        batches(pending, run_fn.batch_key, stack)  # type: ignore[attr-defined]
+        if run_batch is not None
+        else [[s] for s in pending]
+    )
+    print(
+        f"grid {grid_name or ''}: {len(specs)} runs, {counts['skipped']} already in "
+        f"{results}, {len(pending)} to run"
+        + (f" in {len(chunks)} stacked batches" if run_batch is not None else ""),
+        file=sys.stderr,
+    )
     failed_path = results.with_name(results.stem + ".failed.jsonl")
     bar = _progress(len(pending), grid_name, progress)
     try:
         for chunk in chunks:
             s0 = chunk[0]
-            bar.set_description(f"{grid_name or 'grid'} {s0.get('method')}@{s0.get('budget')}"
-                                + (f" x{len(chunk)}" if len(chunk) > 1 else
-                                   f" s{s0.get('seed')}"))
+            bar.set_description(
+                f"{grid_name or 'grid'} {s0.get('method')}@{s0.get('budget')}"
+                + (f" x{len(chunk)}" if len(chunk) > 1 else f" s{s0.get('seed')}")
+            )
             t0 = time.perf_counter()
             try:
-                outs = (list(run_batch(chunk)) if run_batch is not None
-                        else [run_fn(chunk[0])])
+                outs = list(run_batch(chunk)) if run_batch is not None else [run_fn(chunk[0])]
                 if len(outs) != len(chunk):
-                    raise RuntimeError(f"run function returned {len(outs)} rows for "
-                                       f"{len(chunk)} runs")
+                    raise RuntimeError(
+                        f"run function returned {len(outs)} rows for {len(chunk)} runs"
+                    )
             except KeyboardInterrupt:
                 raise
             except Exception as e:
@@ -357,11 +375,17 @@ def run_grid(
                 if not keep_going:
                     raise
                 for spec in chunk:
-                    append_row(failed_path, {"run_id": spec["run_id"], "spec": spec,
-                                             "error": repr(e), "time": time.time(),
-                                             "traceback": traceback.format_exc()})
-                print(f"{len(chunk)} run(s) from {s0['run_id']} failed: {e!r}",
-                      file=sys.stderr)
+                    append_row(
+                        failed_path,
+                        {
+                            "run_id": spec["run_id"],
+                            "spec": spec,
+                            "error": repr(e),
+                            "time": time.time(),
+                            "traceback": traceback.format_exc(),
+                        },
+                    )
+                print(f"{len(chunk)} run(s) from {s0['run_id']} failed: {e!r}", file=sys.stderr)
                 bar.update(len(chunk))
                 continue
             wall = (time.perf_counter() - t0) / len(chunk)
@@ -378,8 +402,9 @@ def run_grid(
     return counts
 
 
-def batches(specs: Sequence[RunSpec], key: Callable[[RunSpec], Any],
-            size: int) -> list[list[RunSpec]]:
+def batches(
+    specs: Sequence[RunSpec], key: Callable[[RunSpec], Any], size: int
+) -> list[list[RunSpec]]:
     """Group specs by ``key`` (first-appearance order), then split into chunks of <= size.
 
     >>> [[s["i"] for s in b] for b in batches([{"i": i, "k": i % 2} for i in range(5)],
@@ -389,14 +414,28 @@ def batches(specs: Sequence[RunSpec], key: Callable[[RunSpec], Any],
     groups: dict[Any, list[RunSpec]] = {}
     for s in specs:
         groups.setdefault(key(s), []).append(s)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
-def _finalize_row(spec: RunSpec, out: Mapping[str, Any], grid_name: str | None,
-                  wall: float) -> dict[str, Any]:
+def _finalize_row(
+    spec: RunSpec, out: Mapping[str, Any], grid_name: str | None, wall: float
+) -> dict[str, Any]:
     row = dict(out)
-    for key in ("dataset", "teacher_arch", "student_arch", "method", "budget", "seed",
-                "preset", "teacher_view", "lr", "paper_dataset", "teacher"):
+    for key in (
+        "dataset",
+        "teacher_arch",
+        "student_arch",
+        "method",
+        "budget",
+        "seed",
+        "preset",
+        "teacher_view",
+        "lr",
+        "paper_dataset",
+        "teacher",
+        "max_epochs",
+        "patience",
+    ):
         if key in spec and row.get(key) is None:
             row[key] = spec[key]
     row["run_id"] = spec["run_id"]
@@ -421,8 +460,14 @@ def _progress(total: int, name: str | None, enabled: bool) -> Any:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return _NoBar()
-    return tqdm(total=total, desc=name or "grid", unit="run", dynamic_ncols=True,
-                file=sys.stderr, smoothing=0.1)
+    return tqdm(
+        total=total,
+        desc=name or "grid",
+        unit="run",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        smoothing=0.1,
+    )
 
 
 def load_run_fn(ref: str) -> RunFn:
@@ -443,8 +488,14 @@ class StudentRunner:
     ordered teacher-major by :func:`expand`).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], *, device: str = "auto",
-                 data_dir: str | None = None, progress: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        *,
+        device: str = "auto",
+        data_dir: str | None = None,
+        progress: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.device = device
         self.data_dir = data_dir
@@ -479,14 +530,24 @@ class StudentRunner:
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
         out_dir = self.teachers_dir / f"{ident['arch']}_{digest}"
         ds = self.dataset(ident["dataset"])
-        path = out_dir / (teacher.teacher_name(ident["arch"], ds, ident["epochs"],
-                                               ident["seed"]) + ".safetensors")
+        path = out_dir / (
+            teacher.teacher_name(ident["arch"], ds, ident["epochs"], ident["seed"]) + ".safetensors"
+        )
         if not path.exists():
             print(f"training teacher {spec['teacher']} ({ident}) -> {out_dir}", file=sys.stderr)
             kw = {k: ident[k] for k in ("lr", "batch_size") if k in ident}
-            path = Path(teacher.train_teacher(
-                ident["arch"], ds, epochs=ident["epochs"], seed=ident["seed"], out_dir=out_dir,
-                device=self.device, progress=self.progress, **kw))
+            path = Path(
+                teacher.train_teacher(
+                    ident["arch"],
+                    ds,
+                    epochs=ident["epochs"],
+                    seed=ident["seed"],
+                    out_dir=out_dir,
+                    device=self.device,
+                    progress=self.progress,
+                    **kw,
+                )
+            )
         return path
 
     def teacher(self, spec: RunSpec) -> tuple[Path, Any]:
@@ -507,8 +568,11 @@ class StudentRunner:
         from reference_experiments.students import StudentConfig
 
         names = {f.name for f in dataclasses.fields(StudentConfig)}
-        values = {k: v for k, v in spec.items()
-                  if k in names and k not in ("teacher", "device", "data_dir") and v is not None}
+        values = {
+            k: v
+            for k, v in spec.items()
+            if k in names and k not in ("teacher", "device", "data_dir") and v is not None
+        }
         values["teacher"] = str(teacher_path) if teacher_path else None
         values["device"] = self.device
         values["data_dir"] = self.data_dir
@@ -526,8 +590,18 @@ class StudentRunner:
         return run_student(self.config(spec, path), dataset=ds, teacher=model)
 
     #: spec keys that must agree for runs to share one stacked step
-    STACK_KEYS = ("dataset", "teacher_id", "student_arch", "method", "budget", "preset",
-                  "teacher_view", "batch_size", "max_epochs", "patience")
+    STACK_KEYS = (
+        "dataset",
+        "teacher_id",
+        "student_arch",
+        "method",
+        "budget",
+        "preset",
+        "teacher_view",
+        "batch_size",
+        "max_epochs",
+        "patience",
+    )
 
     def batch_key(self, spec: RunSpec) -> str:
         return json.dumps([spec.get(k) for k in self.STACK_KEYS], sort_keys=True, default=str)

@@ -44,24 +44,53 @@ DATASET_NAMES = {
 
 PRESET_NOTES = {
     "paper": "preset `paper` (SGD, early stopping with patience 50, ≤3 lr decays, "
-             "test accuracy of the best-validation checkpoint)",
+    "test accuracy of the best-validation checkpoint)",
     "fast": "preset `fast` (short fixed schedule for iteration, not the paper's protocol)",
 }
 
 #: display order; methods not listed follow alphabetically
 METHOD_ORDER = [
-    "ce", "kd", "rkd", "dist", "mixup", "crd", "rkd_d10", "rkd_d50", "rkd_d100",
-    "fitnets", "vid", "fitnets+crd", "vid+crd",
-    "ckd_pairs", "ckd_groups2", "ckd_groups3", "ckd_all", "fitnets+ckd", "vid+ckd",
+    "ce",
+    "kd",
+    "rkd",
+    "dist",
+    "mixup",
+    "crd",
+    "rkd_d10",
+    "rkd_d50",
+    "rkd_d100",
+    "fitnets",
+    "vid",
+    "fitnets+crd",
+    "vid+crd",
+    "ckd_pairs",
+    "ckd_groups2",
+    "ckd_groups3",
+    "ckd_all",
+    "fitnets+ckd",
+    "vid+ckd",
 ]
 
 METHOD_LABELS = {
-    "ce": "CE only", "kd": "KD", "rkd": "RKD", "dist": "DIST", "mixup": "Mixup", "crd": "CRD",
-    "ckd_pairs": "CKD (pairs)", "ckd_groups2": "CKD (groups k=2)",
-    "ckd_groups3": "CKD (groups k=3)", "ckd_all": "CKD (all pairs)",
-    "rkd_d10": "RKD_10", "rkd_d50": "RKD_50", "rkd_d100": "RKD_100",
-    "fitnets": "FitNets", "fitnets+crd": "FitNets+CRD", "fitnets+ckd": "FitNets+CKD",
-    "vid": "VID", "vid+crd": "VID+CRD", "vid+ckd": "VID+CKD",
+    "ce": "CE only",
+    "kd": "KD",
+    "rkd": "RKD",
+    "dist": "DIST",
+    "mixup": "Mixup",
+    "crd": "CRD",
+    "ckd_pairs": "CKD (pairs)",
+    "ckd_groups2": "CKD (groups k=2)",
+    "ckd_groups3": "CKD (groups k=3)",
+    "ckd_all": "CKD (all pairs)",
+    "rkd_d10": "RKD_10",
+    "rkd_d50": "RKD_50",
+    "rkd_d100": "RKD_100",
+    "fitnets": "FitNets",
+    "fitnets+crd": "FitNets+CRD",
+    "fitnets+ckd": "FitNets+CKD",
+    "vid": "VID",
+    "vid+crd": "VID+CRD",
+    "vid+ckd": "VID+CKD",
 }
 
 GROUP_KEYS = ("dataset", "paper_dataset", "teacher_arch", "student_arch", "preset", "teacher_view")
@@ -110,8 +139,11 @@ def select_lr(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Per (setting, method, budget, seed), keep the lr with the best validation accuracy."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        key = tuple(r.get(k) for k in GROUP_KEYS) + (r.get("method"), r.get("budget"),
-                                                     r.get("seed"))
+        key = tuple(r.get(k) for k in GROUP_KEYS) + (
+            r.get("method"),
+            r.get("budget"),
+            r.get("seed"),
+        )
         val = r.get("best_val_acc")
         val = -math.inf if val is None else val
         if key not in best or val > best[key].get("_val", -math.inf):
@@ -147,8 +179,9 @@ def budget_calls(rows: Sequence[Mapping[str, Any]]) -> dict[Any, float]:
     return {b: (c if c > 0 else float(b)) for b, c in calls.items()}
 
 
-def curves(rows: Sequence[Mapping[str, Any]], scale: float = 1.0
-           ) -> dict[str, list[dict[str, float]]]:
+def curves(
+    rows: Sequence[Mapping[str, Any]], scale: float = 1.0
+) -> dict[str, list[dict[str, float]]]:
     """method -> points sorted by calls: {budget, calls, mean, std, n} (accuracy in %)."""
     bc = budget_calls(rows)
     acc: dict[str, dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -159,14 +192,22 @@ def curves(rows: Sequence[Mapping[str, Any]], scale: float = 1.0
         pts = []
         for b, vals in acc[m].items():
             v = np.asarray(vals, dtype=float)
-            pts.append({"budget": b, "calls": bc[b], "mean": float(v.mean()),
-                        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)})
+            pts.append(
+                {
+                    "budget": b,
+                    "calls": bc[b],
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "n": len(v),
+                }
+            )
         out[m] = sorted(pts, key=lambda p: p["calls"])
     return out
 
 
-def interpolate_calls(points: Sequence[tuple[float, float]], target: float
-                      ) -> tuple[float | None, bool]:
+def interpolate_calls(
+    points: Sequence[tuple[float, float]], target: float
+) -> tuple[float | None, bool]:
     """Calls at which the piecewise-linear (calls, acc) curve first reaches ``target``.
 
     Returns ``(calls, at_first)``: ``at_first`` is True when the first point already
@@ -191,12 +232,13 @@ def default_targets(cv: Mapping[str, list[dict[str, float]]], n: int = 4) -> lis
         return []
     first = min(p["calls"] for pts in cv.values() for p in pts)
     last = max(p["calls"] for pts in cv.values() for p in pts)
-    lo = max((p["mean"] for pts in cv.values() for p in pts if p["calls"] == first),
-             default=None)
-    base = [p["mean"] for m, pts in cv.items() if not is_ours(m) for p in pts
-            if p["calls"] == last]
-    hi = max(base) if base else max(p["mean"] for pts in cv.values() for p in pts
-                                    if p["calls"] == last)
+    lo = max((p["mean"] for pts in cv.values() for p in pts if p["calls"] == first), default=None)
+    base = [p["mean"] for m, pts in cv.items() if not is_ours(m) for p in pts if p["calls"] == last]
+    hi = (
+        max(base)
+        if base
+        else max(p["mean"] for pts in cv.values() for p in pts if p["calls"] == last)
+    )
     if lo is None or hi <= lo:
         return [math.floor(hi * 10) / 10]
     ts = np.linspace(lo, hi, n + 1)[1:]
@@ -217,33 +259,44 @@ def _group_header(key: tuple, rows: Sequence[Mapping[str, Any]]) -> tuple[str, s
     seeds = sorted({r.get("seed") for r in rows}, key=str)
     lrs = sorted({r.get("lr") for r in rows if r.get("lr") is not None}, key=str)
     preset = PRESET_NOTES.get(d["preset"], f"preset `{d['preset']}`")
-    note = (f"Dataset: {dataset_note(d['dataset'], d['paper_dataset'])}; {preset}; "
-            f"teacher view `{d['teacher_view']}`; {len(seeds)} seed(s)")
+    note = f"Dataset: {dataset_note(d['dataset'], d['paper_dataset'])}; {preset}"
+    caps = sorted({r["max_epochs"] for r in rows if r.get("max_epochs")})
+    if caps:
+        note += f", capped at {'/'.join(map(str, caps))} epochs"
+    note += f"; teacher view `{d['teacher_view']}`; {len(seeds)} seed(s)"
     if len(lrs) > 1:
-        note += f"; lr ∈ {{{', '.join(map(str, lrs))}}} chosen per run on validation"
+        note += (
+            f"; lrs used: {', '.join(map(str, lrs))} (where a run was tried at several, "
+            f"the best on validation is kept)"
+        )
     return title, note + "."
 
 
-def table1(key: tuple, rows: Sequence[Mapping[str, Any]],
-           targets: Sequence[float] | None = None) -> str:
+def table1(
+    key: tuple, rows: Sequence[Mapping[str, Any]], targets: Sequence[float] | None = None
+) -> str:
     """Markdown: teacher calls (thousands) to reach each target accuracy, Δ% vs best baseline."""
     scale = _scale(rows)
     cv = curves(rows, scale)
     targets = list(targets) if targets else default_targets(cv)
     title, note = _group_header(key, rows)
-    calls = {m: [interpolate_calls([(p["calls"], p["mean"]) for p in pts], t) for t in targets]
-             for m, pts in cv.items()}
+    calls = {
+        m: [interpolate_calls([(p["calls"], p["mean"]) for p in pts], t) for t in targets]
+        for m, pts in cv.items()
+    }
     best_base = []
     for j in range(len(targets)):
-        cands = [(c[j][0], m) for m, c in calls.items()
-                 if not is_ours(m) and c[j][0] is not None]
+        cands = [(c[j][0], m) for m, c in calls.items() if not is_ours(m) and c[j][0] is not None]
         best_base.append(min(cands) if cands else None)
-    lines = [f"**Table 1 — teacher calls (thousands) to reach a target test accuracy, "
-             f"{title}.** {note} Interpolated linearly on the mean accuracy-vs-calls curve; "
-             f"\"—\": never reached; \"≤x\": reached at the smallest budget; "
-             f"Δ: vs the best baseline (negative = fewer calls).", "",
-             "| method | " + " | ".join(f"to {t:.1f}%" for t in targets) + " |",
-             "|---|" + "---:|" * len(targets)]
+    lines = [
+        f"**Table 1 — teacher calls (thousands) to reach a target test accuracy, "
+        f"{title}.** {note} Interpolated linearly on the mean accuracy-vs-calls curve; "
+        f'"—": never reached; "≤x": reached at the smallest budget; '
+        f"Δ: vs the best baseline (negative = fewer calls).",
+        "",
+        "| method | " + " | ".join(f"to {t:.1f}%" for t in targets) + " |",
+        "|---|" + "---:|" * len(targets),
+    ]
     for m, cs in calls.items():
         cells = []
         for j, (c, at_first) in enumerate(cs):
@@ -259,8 +312,11 @@ def table1(key: tuple, rows: Sequence[Mapping[str, Any]],
                     cell += f" ({(c - bb[0]) / bb[0] * 100:+.0f}%)"
             cells.append(cell)
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
-    lines.append("| *best baseline* | " + " | ".join(
-        "—" if bb is None else f"{_fmt_k(bb[0])} ({label(bb[1])})" for bb in best_base) + " |")
+    lines.append(
+        "| *best baseline* | "
+        + " | ".join("—" if bb is None else f"{_fmt_k(bb[0])} ({label(bb[1])})" for bb in best_base)
+        + " |"
+    )
     return "\n".join(lines)
 
 
@@ -270,13 +326,17 @@ def table2(key: tuple, rows: Sequence[Mapping[str, Any]]) -> str:
     cv = curves(rows, scale)
     title, note = _group_header(key, rows)
     cols = sorted({(p["calls"], p["budget"]) for pts in cv.values() for p in pts})
-    best = {c: max((p["mean"] for pts in cv.values() for p in pts if p["calls"] == c[0]),
-                   default=None) for c in cols}
-    lines = [f"**Table 2 — test accuracy (%) at fixed teacher calls, mean ± std over seeds, "
-             f"{title}.** {note} Column: teacher calls in thousands (budget n); best in bold.",
-             "",
-             "| method | " + " | ".join(f"{_fmt_k(c)}k (n={b})" for c, b in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    best = {
+        c: max((p["mean"] for pts in cv.values() for p in pts if p["calls"] == c[0]), default=None)
+        for c in cols
+    }
+    lines = [
+        f"**Table 2 — test accuracy (%) at fixed teacher calls, mean ± std over seeds, "
+        f"{title}.** {note} Column: teacher calls in thousands (budget n); best in bold.",
+        "",
+        "| method | " + " | ".join(f"{_fmt_k(c)}k (n={b})" for c, b in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for m, pts in cv.items():
         by = {p["calls"]: p for p in pts}
         cells = []
@@ -302,8 +362,13 @@ def _slug(key: tuple) -> str:
     return "_".join(str(p) for p in parts if p).replace("/", "-").replace("+", "p")
 
 
-def plot_curves(key: tuple, rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
-                methods: Sequence[str] | None = None, title: str | None = None) -> Path:
+def plot_curves(
+    key: tuple,
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    methods: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """Accuracy vs teacher calls, mean ± std error bars, one line per method (log x)."""
     import matplotlib
 
@@ -318,9 +383,17 @@ def plot_curves(key: tuple, rows: Sequence[Mapping[str, Any]], path: str | os.Pa
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for m, pts in cv.items():
         x = [p["calls"] for p in pts]
-        ax.errorbar(x, [p["mean"] for p in pts], yerr=[p["std"] for p in pts], label=label(m),
-                    marker="o" if is_ours(m) else ".", linewidth=2.2 if is_ours(m) else 1.2,
-                    linestyle="-" if is_ours(m) else "--", capsize=3, markersize=5)
+        ax.errorbar(
+            x,
+            [p["mean"] for p in pts],
+            yerr=[p["std"] for p in pts],
+            label=label(m),
+            marker="o" if is_ours(m) else ".",
+            linewidth=2.2 if is_ours(m) else 1.2,
+            linestyle="-" if is_ours(m) else "--",
+            capsize=3,
+            markersize=5,
+        )
     ax.set_xscale("log")
     ticks = sorted({p["calls"] for pts in cv.values() for p in pts})
     ax.set_xticks(ticks, [f"{t / 1000:g}k" if t >= 1000 else f"{t:g}" for t in ticks])
@@ -329,8 +402,14 @@ def plot_curves(key: tuple, rows: Sequence[Mapping[str, Any]], path: str | os.Pa
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title or f"{d['teacher_arch']} → {d['student_arch']}", fontsize=10)
-    fig.text(0.01, 0.01, f"{dataset_note(d['dataset'], d['paper_dataset'])}; "
-             f"preset {d['preset']}; mean ± std over seeds", fontsize=7, alpha=0.8)
+    fig.text(
+        0.01,
+        0.01,
+        f"{dataset_note(d['dataset'], d['paper_dataset'])}; "
+        f"preset {d['preset']}; mean ± std over seeds",
+        fontsize=7,
+        alpha=0.8,
+    )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
@@ -350,9 +429,13 @@ def has_rkd_d(rows: Sequence[Mapping[str, Any]]) -> bool:
 # --------------------------------------------------------------------------- report
 
 
-def make_report(results: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                out_dir: str | os.PathLike[str], *, targets: Sequence[float] | None = None,
-                tables: Sequence[int] = (1, 2)) -> Path:
+def make_report(
+    results: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    targets: Sequence[float] | None = None,
+    tables: Sequence[int] = (1, 2),
+) -> Path:
     """Write ``report.md`` and PNG figures into ``out_dir``; return the Markdown path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,12 +443,15 @@ def make_report(results: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     rows = select_lr(raw)
     groups = group_rows(rows)
     srcs = [results] if isinstance(results, (str, os.PathLike)) else list(results)
-    md = ["# Reference experiments report", "",
-          f"Source: {', '.join(str(s) for s in srcs)} ({len(raw)} rows, {len(rows)} after "
-          f"lr selection, {len(groups)} setting(s)). Accuracy: test accuracy (%) of the "
-          f"best-validation checkpoint. Teacher calls count the training split only; CE only "
-          f"makes none and is placed at the calls its sample budget costs the other methods.",
-          ""]
+    md = [
+        "# Reference experiments report",
+        "",
+        f"Source: {', '.join(str(s) for s in srcs)} ({len(raw)} rows, {len(rows)} after "
+        f"lr selection, {len(groups)} setting(s)). Accuracy: test accuracy (%) of the "
+        f"best-validation checkpoint. Teacher calls count the training split only; CE only "
+        f"makes none and is placed at the calls its sample budget costs the other methods.",
+        "",
+    ]
     for key, grows in groups.items():
         title, note = _group_header(key, grows)
         md += [f"## {title} — {dict(zip(GROUP_KEYS, key, strict=True))['dataset']}", ""]
@@ -373,14 +459,22 @@ def make_report(results: str | os.PathLike[str] | Sequence[str | os.PathLike[str
             md += [table1(key, grows, targets), ""]
         if 2 in tables:
             md += [table2(key, grows), ""]
-        png = plot_curves(key, grows, out / f"curves_{_slug(key)}.png",
-                          title=f"Accuracy vs teacher calls: {title}")
+        png = plot_curves(
+            key,
+            grows,
+            out / f"curves_{_slug(key)}.png",
+            title=f"Accuracy vs teacher calls: {title}",
+        )
         md += [f"![accuracy vs teacher calls]({png.name})", ""]
         if has_rkd_d(grows):
-            keep = [m for m in {r["method"] for r in grows}
-                    if m in RKD_D_METHODS or is_ours(m)]
-            png4 = plot_curves(key, grows, out / f"fig4_rkd_d_{_slug(key)}.png", methods=keep,
-                               title=f"RKD vs RKD_d (d=10/50/100) vs CKD: {title}")
+            keep = [m for m in {r["method"] for r in grows} if m in RKD_D_METHODS or is_ours(m)]
+            png4 = plot_curves(
+                key,
+                grows,
+                out / f"fig4_rkd_d_{_slug(key)}.png",
+                methods=keep,
+                title=f"RKD vs RKD_d (d=10/50/100) vs CKD: {title}",
+            )
             md += [f"![RKD_d comparison]({png4.name})", ""]
     path = out / "report.md"
     tmp = path.with_suffix(".md.tmp")
