@@ -64,7 +64,9 @@ def _local_cpu_torch() -> bool:
 
 def _install(session: nox.Session, *packages: str) -> None:
     """pip install under the CI constraints; CPU torch from the local wheel or PyTorch's index."""
-    args = ["-c", CONSTRAINTS, *packages]
+    # --no-compile: byte-compiling all of torch and TensorFlow at install
+    # costs minutes of CPU per session; Python compiles what it imports.
+    args = ["--no-compile", "-c", CONSTRAINTS, *packages]
     if "torch" in packages and not _local_cpu_torch():
         args = ["--extra-index-url", TORCH_CPU_INDEX, *args]
     session.install(*args)
