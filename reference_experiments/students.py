@@ -32,7 +32,9 @@ forward -> loss`` where everything random is drawn up front
 (parameters, buffers, batch tensors). :func:`run_students` stacks runs of
 the same dataset / student / method / batch size with ``torch.func``
 (``stack_module_state`` + ``functional_call`` + ``vmap(grad(...))``) and
-takes one SGD step for all of them (``fast`` preset only).
+takes one SGD step for all of them; each run keeps its own lr, early-stopping
+state and best checkpoint (both presets). Methods whose loss functorch cannot
+transform (RKD's autograd.Function; probed at run time) run one by one.
 """
 
 from __future__ import annotations

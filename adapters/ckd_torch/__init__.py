@@ -16,6 +16,7 @@ from ckd_backend import use_keras_backend
 
 use_keras_backend("torch", "ckd_torch")
 
+from ckd_torch.budget import TorchTeacherBudget  # noqa: E402
 from ckd_torch.losses import (  # noqa: E402
     ComparativeLoss,
     DISTLoss,
@@ -24,4 +25,11 @@ from ckd_torch.losses import (  # noqa: E402
     RKDLoss,
 )
 
-__all__ = ["ComparativeLoss", "DISTLoss", "KDLoss", "ProjectedRKDLoss", "RKDLoss"]
+__all__ = [
+    "ComparativeLoss",
+    "DISTLoss",
+    "KDLoss",
+    "ProjectedRKDLoss",
+    "RKDLoss",
+    "TorchTeacherBudget",
+]

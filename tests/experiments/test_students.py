@@ -303,3 +303,29 @@ def test_run_students_stacks_seeds_and_lrs(dataset):
         assert r["teacher_calls"] == 48 and 0 <= r["test_acc"] <= 1
         assert r["epochs"] == 2 and r["lr"] in r["lrs_tried"]
     assert "stacked_runs" not in rows[2]
+
+
+def test_torch_teacher_budget_device_tensors(tmp_path):
+    from ckd_torch import TorchTeacherBudget
+
+    from ckd_core import TeacherBudgetExceeded
+
+    net = CountingTeacher()
+    images = torch.rand(10, 1, 8, 8) + 0.1
+
+    def teacher(x):
+        logits, feats = net(x, return_features=True)
+        return {"logits": logits, "feat2": feats[2].to(torch.bfloat16)}
+
+    tb = TorchTeacherBudget(teacher, budget=5, batch_size=2)
+    out = tb.query_tensors(torch.tensor([1, 3, 1]), lambda ids: images[ids])
+    assert out["logits"].shape == (3, 4) and out["feat2"].dtype == torch.float32
+    torch.testing.assert_close(out["logits"][0], out["logits"][2])
+    assert tb.used == 2 and net.images == 2 and tb.num_batches == 1
+    with pytest.raises(TeacherBudgetExceeded):
+        tb.query_tensors([4, 5, 6, 7], lambda ids: images[ids])
+    tb.save(tmp_path / "c.safetensors")
+    again = TorchTeacherBudget(teacher, budget=5)
+    again.load(tmp_path / "c.safetensors")
+    torch.testing.assert_close(again.query_tensors([3])["logits"], out["logits"][1:2])
+    assert net.images == 2
