@@ -1,0 +1,217 @@
+"""``ckd_torch``: the losses as ``torch.nn.Module`` (torch backend session only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import oracle
+import pytest
+from conftest import BACKEND, assert_close, make_batch
+
+pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="ckd_torch needs the torch backend")
+
+if BACKEND == "torch":
+    import keras
+    import torch
+
+    import ckd_torch
+
+
+def _pair(n: int = 8, d: int = 5, seed: int = 0, dtype=None):
+    batch = make_batch(n, d, "float64", seed=seed)
+    dtype = dtype or torch.float64
+    return (
+        torch.tensor(batch.student, dtype=dtype),
+        torch.tensor(batch.teacher, dtype=dtype),
+        batch,
+    )
+
+
+MODULES = {
+    "ComparativeLoss": (lambda: ckd_torch.ComparativeLoss(), lambda t, s: oracle.comparative(t, s)),
+    "RKDLoss": (
+        lambda: ckd_torch.RKDLoss(),
+        lambda t, s: 25 * oracle.rkd_distance(t, s) + 50 * oracle.rkd_angle(t, s),
+    ),
+    "ProjectedRKDLoss": (
+        lambda: ckd_torch.ProjectedRKDLoss(out_dim=3, seed=2),
+        lambda t, s: oracle.projected(
+            t, s, __import__("ckd_core").functional.make_projection(t.shape[1], 3, "gaussian", 2)
+        ),
+    ),
+    "KDLoss": (lambda: ckd_torch.KDLoss(temperature=2.0), lambda t, s: oracle.kd(t, s, 2.0)),
+    "DISTLoss": (lambda: ckd_torch.DISTLoss(), lambda t, s: oracle.dist(t, s)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_module_forward_backward(name):
+    make, reference = MODULES[name]
+    module = make()
+    assert isinstance(module, torch.nn.Module)
+    student, teacher, batch = _pair()
+    student.requires_grad_(True)
+    loss = module(student, teacher)  # torch order: (input, target) = (student, teacher)
+    assert isinstance(loss, torch.Tensor) and loss.dtype == torch.float64 and loss.ndim == 0
+    assert_close(loss.item(), reference(batch.teacher, batch.student), "float64", atol=1e-13)
+    loss.backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert student.grad.abs().sum() > 0
+    assert name in repr(module)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_autograd_gradcheck(name):
+    make, _ = MODULES[name]
+    module = make()
+    student, teacher, _ = _pair(n=5, d=3, seed=1)
+    student.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: module(s, teacher), (student,), eps=1e-6, atol=1e-6)
+
+
+def test_plain_torch_training_loop_reduces_loss():
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    teacher_net = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        teacher_out = teacher_net(x)
+    student = torch.nn.Linear(6, 4)
+    criterion = ckd_torch.ComparativeLoss()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = criterion(student(x), teacher_out)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_teacher_gets_gradient_except_rkd():
+    student, teacher, _ = _pair()
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    ckd_torch.ComparativeLoss()(student, teacher).backward()
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0
+    # CKD: d/dt = -d/ds
+    torch.testing.assert_close(teacher.grad, -student.grad)
+    student.grad = teacher.grad = None
+    ckd_torch.RKDLoss()(student, teacher).backward()
+    assert teacher.grad is None or bool((teacher.grad == 0).all())
+
+
+def test_pairs_and_groups_equal_mse_formulas():
+    student, teacher, _ = _pair(n=10, d=6, seed=3, dtype=torch.float32)
+    mse = torch.nn.MSELoss()
+    a = torch.tensor([0, 1, 2, 3, 4, 9, 9])
+    b = torch.tensor([5, 6, 2, 8, 0, 1, 3])
+    module = ckd_torch.ComparativeLoss()
+    got = module(student, teacher, pairs=(a, b))
+    want = mse(student[a] - student[b], teacher[a] - teacher[b])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    ga = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    gb = torch.tensor([[9, 8], [1, 0], [2, 2]])
+    got = module(student, teacher, groups=(ga, gb))
+    want = mse(student[ga].mean(1) - student[gb].mean(1), teacher[ga].mean(1) - teacher[gb].mean(1))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    # All pairs == MSELoss over every ordered pair i != j.
+    i, j = torch.nonzero(~torch.eye(10, dtype=torch.bool), as_tuple=True)
+    torch.testing.assert_close(
+        module(student, teacher), mse(student[i] - student[j], teacher[i] - teacher[j]),
+        rtol=1e-5, atol=1e-7,
+    )
+
+
+def test_sample_weight():
+    student, teacher, batch = _pair()
+    w = torch.linspace(0, 2, 8, dtype=torch.float64)
+    got = ckd_torch.ComparativeLoss()(student, teacher, sample_weight=w)
+    assert_close(got.item(), oracle.comparative(batch.teacher, batch.student, w.numpy()), "float64")
+
+
+def test_torch_compile():
+    # backend="eager": exercises dynamo graph capture of the Keras ops
+    # without inductor's C++ compilation (minutes on this CPU).
+    module = ckd_torch.ComparativeLoss()
+    compiled = torch.compile(module, backend="eager", fullgraph=False)
+    student, teacher, batch = _pair(dtype=torch.float32)
+    student.requires_grad_(True)
+    loss = compiled(student, teacher)
+    assert_close(loss.item(), oracle.comparative(batch.teacher, batch.student), "float32")
+    loss.backward()
+    eager_student = student.detach().clone().requires_grad_(True)
+    module(eager_student, teacher).backward()
+    torch.testing.assert_close(student.grad, eager_student.grad)
+
+    rkd = torch.compile(ckd_torch.RKDLoss(), backend="eager")
+    assert_close(
+        rkd(student, teacher).item(),
+        25 * oracle.rkd_distance(batch.teacher, batch.student)
+        + 50 * oracle.rkd_angle(batch.teacher, batch.student),
+        "float32",
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_cpu_autocast_bfloat16(name):
+    make, reference = MODULES[name]
+    module = make()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 5)
+    student_in, teacher, batch = _pair()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student = layer(student_in.float())  # bf16 under autocast
+        assert student.dtype == torch.bfloat16
+        loss = module(student, teacher.to(torch.bfloat16))
+    assert loss.dtype == torch.bfloat16
+    assert torch.isfinite(loss)
+    loss.float().backward()
+    for p in layer.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    # Value: the loss of the bf16 values, accumulated in float32.
+    want = reference(teacher.to(torch.bfloat16).double().numpy(), student.detach().double().numpy())
+    assert_close(loss.item(), want, "bfloat16", atol=1e-2)
+
+
+def test_device_kept_when_keras_default_device_differs():
+    """Stand-in for a CUDA default: Keras' torch device set to "meta".
+
+    Without ``keras.device(student.device)``, Keras' torch backend would move
+    the CPU inputs to its global device ("meta" here, "cuda" on a GPU box)
+    and return a meta tensor without values.
+    """
+    from keras.src.backend.common import global_state
+
+    student, teacher, batch = _pair()
+    previous = global_state.get_global_attribute("torch_device")
+    global_state.set_global_attribute("torch_device", "meta")
+    try:
+        # Sanity: the stand-in does redirect Keras' conversions.
+        assert keras.ops.convert_to_tensor(np.ones(2)).device.type == "meta"
+        for name, (make, reference) in MODULES.items():
+            s = student.clone().requires_grad_(True)
+            loss = make()(s, teacher)
+            assert loss.device.type == "cpu", name
+            assert_close(loss.item(), reference(batch.teacher, batch.student), "float64", atol=1e-13)
+            loss.backward()
+            assert s.grad.device.type == "cpu" and torch.isfinite(s.grad).all()
+        index = (torch.tensor([0, 1]), torch.tensor([2, 3]))
+        loss = ckd_torch.ComparativeLoss()(student, teacher, pairs=index)
+        assert loss.device.type == "cpu"
+        want = oracle.comparative_pairs(batch.teacher, batch.student, [0, 1], [2, 3])
+        assert_close(loss.item(), want, "float64")
+    finally:
+        global_state.set_global_attribute("torch_device", previous)
+
+
+def test_import_error_when_keras_runs_another_backend():
+    code = "import keras\ntry:\n    import ckd_torch\nexcept ImportError as e:\n    print('ERR', e)\n"
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "numpy" in out.stdout and "KERAS_BACKEND=torch" in out.stdout
