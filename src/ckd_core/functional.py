@@ -422,7 +422,11 @@ def kd_loss(
 def _mean_pearson(a: Tensor, b: Tensor, axis: int, eps: float = 1e-8) -> Tensor:
     a = a - _mean(a, axis=axis, keepdims=True)
     b = b - _mean(b, axis=axis, keepdims=True)
-    norms = ops.sqrt(ops.sum(ops.square(a), axis=axis) * ops.sum(ops.square(b), axis=axis))
+    prod = ops.sum(ops.square(a), axis=axis) * ops.sum(ops.square(b), axis=axis)
+    # sqrt'(0) is infinite: constant rows/columns (e.g. dim 1, equal rows)
+    # would get NaN gradients. Their correlation is 0 either way.
+    positive = prod > 0
+    norms = ops.where(positive, ops.sqrt(ops.where(positive, prod, 1)), 0)
     return _mean(ops.sum(a * b, axis=axis) / (norms + eps))
 
 
@@ -466,7 +470,15 @@ def dist_loss(
 
 
 def _centred_gram(x: Tensor) -> Tensor:
-    """Gram matrix of the rows after subtracting their mean (better rounding)."""
+    """Gram matrix of the rows after subtracting their mean (better rounding).
+
+    Batches with entries beyond ``finfo.max ** 0.25`` are first divided by
+    their largest magnitude (the RKD terms are scale invariant), so that the
+    squared distances cannot overflow (e.g. 1e30 in float32).
+    """
+    big = float(np.finfo(keras.backend.standardize_dtype(x.dtype)).max) ** 0.25
+    peak = ops.stop_gradient(ops.max(ops.abs(x)))
+    x = x / ops.where(peak > big, peak, 1)
     x = x - _mean(x, axis=0, keepdims=True)
     return x @ ops.transpose(x)  # ops.matmul computes float64 in float32 on torch
 
