@@ -43,7 +43,9 @@ class _BatchLoss(keras.losses.Loss):
         super().__init__(name=name, reduction="sum", dtype=dtype)
         self._cast_inputs = dtype is not None
 
-    def __call__(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+    ) -> Tensor:
         with keras.name_scope(self.name):
             if self._cast_inputs:
                 y_true = ops.convert_to_tensor(y_true, dtype=self.dtype)
@@ -180,7 +182,9 @@ class ProjectedRKDLoss(_BatchLoss):
         """The projection used for inputs with ``dim`` columns."""
         if dim not in self._matrices:
             out_dim = dim if self.out_dim is None else self.out_dim
-            self._matrices[dim] = functional.make_projection(dim, out_dim, self.projection, self.seed)
+            self._matrices[dim] = functional.make_projection(
+                dim, out_dim, self.projection, self.seed
+            )
         return self._matrices[dim]
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
@@ -243,4 +247,3 @@ class DISTLoss(_BatchLoss):
 def _reject_sample_weight(loss: keras.losses.Loss, sample_weight: Tensor | None) -> None:
     if sample_weight is not None:
         raise ValueError(f"{type(loss).__name__} does not support sample_weight.")
-
