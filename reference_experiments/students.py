@@ -542,7 +542,8 @@ def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None)
         "test_acc": test_acc,
         "best_epoch": best["best_epoch"],
         "epochs": best["epochs"],
-        "steps": steps,
+        "steps": best["steps"],  # of the chosen lr's training run
+        "total_steps": steps,  # all lr trials
         "train_images_per_s": images / train_time if train_time > 0 else float("nan"),
         "wall_s": time.perf_counter() - t_start,
         "n_train": run.n_train,
@@ -909,7 +910,8 @@ def _run_stack(cfgs: Sequence[StudentConfig], dataset: Any, teacher: Any) -> lis
                 "test_acc": test_acc[r],
                 "best_epoch": best_epoch[r],
                 "epochs": last_epoch[r],
-                "steps": total_steps * len(mine),
+                "steps": last_epoch[r] * steps,
+                "total_steps": total_steps * len(mine),
                 "train_images_per_s": images_per_run / train_time,
                 "stack_images_per_s": images_per_run * n_r / train_time,
                 "stacked_runs": n_r,
