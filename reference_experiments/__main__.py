@@ -30,17 +30,22 @@ def _resolve_config(name: str) -> Path:
     for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.toml"):
         if cand.exists():
             return cand
-    raise SystemExit(f"config not found: {name} (bundled: "
-                     f"{', '.join(sorted(c.stem for c in CONFIG_DIR.glob('*.toml')))})")
+    raise SystemExit(
+        f"config not found: {name} (bundled: "
+        f"{', '.join(sorted(c.stem for c in CONFIG_DIR.glob('*.toml')))})"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reference_experiments",
-                                description="RTI-KD reference experiments (teacher-call budget).")
+    p = argparse.ArgumentParser(
+        prog="python -m reference_experiments",
+        description="RTI-KD reference experiments (teacher-call budget).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    sub.add_parser("train-teacher", add_help=False,
-                   help="train a teacher (see `train-teacher --help`)")
+    sub.add_parser(
+        "train-teacher", add_help=False, help="train a teacher (see `train-teacher --help`)"
+    )
 
     s = sub.add_parser("student", help="one student run under a teacher-call budget")
     s.add_argument("--dataset", required=True)
@@ -59,23 +64,40 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default=None, help="also append the row to this JSONL")
 
     g = sub.add_parser("grid", help="run a TOML grid resumably (one JSONL row per run)")
-    g.add_argument("config", help="TOML path or bundled name (table1, table2, fig3_cars, "
-                                  "fig4_rkd_d)")
+    g.add_argument(
+        "config", help="TOML path or bundled name (table1, table2, fig3_cars, fig4_rkd_d)"
+    )
     g.add_argument("--results", default=None, help="results JSONL (default: from the config)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     g.add_argument("--data-dir", default=None)
     g.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    g.add_argument("--shard", default=None, metavar="I/N",
-                   help="run only shard I of N (several processes can share one results file)")
-    g.add_argument("--dataset", default=None,
-                   help="override every run's dataset (e.g. cifar100 where it exists)")
-    g.add_argument("--preset", choices=["paper", "fast"], default=None,
-                   help="override every run's preset")
-    g.add_argument("--stack", type=int, default=1, metavar="N",
-                   help="train up to N compatible runs (seeds, lrs) in one stacked vmap step "
-                        "(students.run_students); 1 = one run at a time")
-    g.add_argument("--keep-going", action="store_true",
-                   help="log failed runs to <results>.failed.jsonl and continue")
+    g.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only shard I of N (several processes can share one results file)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help="override every run's dataset (e.g. cifar100 where it exists)",
+    )
+    g.add_argument(
+        "--preset", choices=["paper", "fast"], default=None, help="override every run's preset"
+    )
+    g.add_argument(
+        "--stack",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train up to N compatible runs (seeds, lrs) in one stacked vmap step "
+        "(students.run_students); 1 = one run at a time",
+    )
+    g.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="log failed runs to <results>.failed.jsonl and continue",
+    )
     g.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--run-fn", default=None, help=argparse.SUPPRESS)  # module:function (tests)
@@ -83,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="Markdown tables + PNG figures from results JSONL")
     r.add_argument("results", nargs="+")
     r.add_argument("--out", default=None, help="output dir (default: <results dir>/report)")
-    r.add_argument("--targets", default=None,
-                   help="comma-separated target accuracies in %% for Table 1")
+    r.add_argument(
+        "--targets", default=None, help="comma-separated target accuracies in %% for Table 1"
+    )
 
     q = sub.add_parser("quickstart", help="CPU digits demo (< 2 min): teacher, 4 methods, table")
     q.add_argument("--out", default="runs/quickstart")
@@ -101,11 +124,20 @@ def _cmd_student(a: argparse.Namespace) -> int:
 
     if a.teacher is None and a.method != "ce":
         raise SystemExit(f"--teacher is required for method {a.method!r}")
-    spec = {"dataset": a.dataset, "student_arch": a.student_arch, "method": a.method,
-            "budget": a.budget, "seed": a.seed, "preset": a.preset,
-            "teacher_view": a.teacher_view, "lr": a.lr, "batch_size": a.batch_size,
-            "max_epochs": a.max_epochs, "teacher_path": a.teacher,
-            "teacher_id": {"path": str(a.teacher)}}
+    spec = {
+        "dataset": a.dataset,
+        "student_arch": a.student_arch,
+        "method": a.method,
+        "budget": a.budget,
+        "seed": a.seed,
+        "preset": a.preset,
+        "teacher_view": a.teacher_view,
+        "lr": a.lr,
+        "batch_size": a.batch_size,
+        "max_epochs": a.max_epochs,
+        "teacher_path": a.teacher,
+        "teacher_id": {"path": str(a.teacher)},
+    }
     spec["run_id"] = grid.run_id(spec)
     runner = grid.StudentRunner({"teachers": {}}, device=a.device, data_dir=a.data_dir)
     row = dict(runner(spec))
@@ -136,17 +168,28 @@ def _cmd_grid(a: argparse.Namespace) -> int:
         done = grid.finished_ids(results)
         for s in specs:
             flag = "done" if s["run_id"] in done else "todo"
-            print(f"{s['run_id']} {flag} {s['dataset']} {s['teacher_arch']}->{s['student_arch']}"
-                  f" {s['method']} n={s['budget']} seed={s['seed']} {s['preset']}"
-                  + (f" lr={s['lr']}" if s.get("lr") is not None else ""))
-        print(f"{len(specs)} runs, {sum(s['run_id'] in done for s in specs)} done",
-              file=sys.stderr)
+            print(
+                f"{s['run_id']} {flag} {s['dataset']} {s['teacher_arch']}->{s['student_arch']}"
+                f" {s['method']} n={s['budget']} seed={s['seed']} {s['preset']}"
+                + (f" lr={s['lr']}" if s.get("lr") is not None else "")
+            )
+        print(f"{len(specs)} runs, {sum(s['run_id'] in done for s in specs)} done", file=sys.stderr)
         return 0
-    run_fn = (grid.load_run_fn(a.run_fn) if a.run_fn else
-              grid.StudentRunner(cfg, device=a.device, data_dir=a.data_dir))
-    counts = grid.run_grid(specs, results, run_fn, max_runs=a.max_runs,
-                           keep_going=a.keep_going, progress=not a.no_progress,
-                           grid_name=cfg["name"], stack=a.stack)
+    run_fn = (
+        grid.load_run_fn(a.run_fn)
+        if a.run_fn
+        else grid.StudentRunner(cfg, device=a.device, data_dir=a.data_dir)
+    )
+    counts = grid.run_grid(
+        specs,
+        results,
+        run_fn,
+        max_runs=a.max_runs,
+        keep_going=a.keep_going,
+        progress=not a.no_progress,
+        grid_name=cfg["name"],
+        stack=a.stack,
+    )
     print(f"grid {cfg['name']}: {counts} -> {results}", file=sys.stderr)
     return 1 if counts["failed"] else 0
 
@@ -156,8 +199,9 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
     out = Path(a.out) if a.out else Path(a.results[0]).parent / "report"
     targets = [float(t) for t in a.targets.split(",")] if a.targets else None
-    path = report.make_report(a.results if len(a.results) > 1 else a.results[0], out,
-                              targets=targets)
+    path = report.make_report(
+        a.results if len(a.results) > 1 else a.results[0], out, targets=targets
+    )
     print(path.read_text(encoding="utf-8"))
     print(f"\nwrote {path} and figures in {out}", file=sys.stderr)
     return 0
@@ -188,8 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(teacher.main(argv[1:]) or 0)
     a = _parser().parse_args(argv)
-    return {"student": _cmd_student, "grid": _cmd_grid, "report": _cmd_report,
-            "quickstart": _cmd_quickstart}[a.cmd](a)
+    return {
+        "student": _cmd_student,
+        "grid": _cmd_grid,
+        "report": _cmd_report,
+        "quickstart": _cmd_quickstart,
+    }[a.cmd](a)
 
 
 if __name__ == "__main__":

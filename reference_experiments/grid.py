@@ -623,5 +623,7 @@ class StudentRunner:
     def _teacher_available(self, spec: RunSpec) -> bool:
         if spec.get("teacher_path"):
             return Path(spec["teacher_path"]).exists()
+        if spec.get("teacher") not in self.cfg["teachers"]:
+            return False
         t = self.cfg["teachers"][spec["teacher"]]
         return "path" in t and Path(t["path"]).exists()

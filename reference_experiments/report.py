@@ -402,14 +402,17 @@ def plot_curves(
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title or f"{d['teacher_arch']} → {d['student_arch']}", fontsize=10)
+    caps = sorted({r["max_epochs"] for r in rows if r.get("max_epochs")})
+    cap = f" (≤{'/'.join(map(str, caps))} epochs)" if caps else ""
     fig.text(
         0.01,
         0.01,
         f"{dataset_note(d['dataset'], d['paper_dataset'])}; "
-        f"preset {d['preset']}; mean ± std over seeds",
+        f"preset {d['preset']}{cap}; mean ± std over seeds",
         fontsize=7,
         alpha=0.8,
     )
+
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)

@@ -70,12 +70,19 @@ def test_expand_counts_and_stable_ids(tmp_path):
     assert (s["dataset"], s["method"], s["budget"], s["seed"]) == ("digits", "ce", 100, 0)
     # where it runs does not change the id; what it computes does
     assert grid.run_id({**s, "device": "cuda", "data_dir": "/x"}) == s["run_id"]
-    for k, v in [("seed", 9), ("budget", 7), ("method", "kd"), ("preset", "paper"),
-                 ("lr", 0.1), ("teacher_view", "augmented-once")]:
+    for k, v in [
+        ("seed", 9),
+        ("budget", 7),
+        ("method", "kd"),
+        ("preset", "paper"),
+        ("lr", 0.1),
+        ("teacher_view", "augmented-once"),
+    ]:
         assert grid.run_id({**s, k: v}) != s["run_id"], k
     # teacher identity: a retrained teacher (other epochs) gives other ids
-    cfg2 = grid.load_config(_write_cfg(tmp_path, CONFIG.replace("train_epochs = 3",
-                                                                "train_epochs = 4")))
+    cfg2 = grid.load_config(
+        _write_cfg(tmp_path, CONFIG.replace("train_epochs = 3", "train_epochs = 4"))
+    )
     ids2 = {x["run_id"] for x in grid.expand(cfg2)}
     assert len(ids2 & set(ids)) == len(ids) // 2  # only the 'other' (path) teacher's runs
     # shards partition the runs
@@ -91,8 +98,12 @@ def test_bundled_configs_expand():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown teacher"):
-        grid.parse_config({"teachers": {}, "runs": [{"pairs": [["x", "y"]], "methods": ["ce"],
-                                                     "budgets": [1], "seeds": [0]}]})
+        grid.parse_config(
+            {
+                "teachers": {},
+                "runs": [{"pairs": [["x", "y"]], "methods": ["ce"], "budgets": [1], "seeds": [0]}],
+            }
+        )
 
 
 def test_append_row_dedup_and_resume(tmp_path):
@@ -146,12 +157,23 @@ def test_kill9_mid_grid_then_resume(tmp_path, sleep, payload):
     (tmp_path / "slow_fake.py").write_text(FAKE.format(sleep=sleep, payload=payload))
     res = tmp_path / "out" / "results.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    cmd = [sys.executable, "-m", "reference_experiments", "grid", str(cfg_path),
-           "--results", str(res), "--run-fn", "slow_fake:run", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "reference_experiments",
+        "grid",
+        str(cfg_path),
+        "--results",
+        str(res),
+        "--run-fn",
+        "slow_fake:run",
+        "--no-progress",
+    ]
     expected = {s["run_id"] for s in grid.expand(grid.load_config(cfg_path))}
     kill_after = 5 if sleep else 25
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while len(_lines(res)) < kill_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

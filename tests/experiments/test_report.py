@@ -13,12 +13,20 @@ if str(ROOT) not in sys.path:
 
 from reference_experiments import grid, report  # noqa: E402
 
-BASE = {"dataset": "cifar10-jpeg", "paper_dataset": "cifar100", "teacher_arch": "wrn_40_2",
-        "student_arch": "wrn_16_2", "preset": "fast", "teacher_view": "clean"}
+BASE = {
+    "dataset": "cifar10-jpeg",
+    "paper_dataset": "cifar100",
+    "teacher_arch": "wrn_40_2",
+    "student_arch": "wrn_16_2",
+    "preset": "fast",
+    "teacher_view": "clean",
+}
 # mean test accuracy (%) per method and budget; two seeds each
-ACC = {"ce": {100: (40, 42), 200: (50, 50), 400: (60, 62)},
-       "kd": {100: (45, 45), 200: (55, 55), 400: (65, 65)},
-       "ckd_all": {100: (50, 50), 200: (60, 60), 400: (70, 70)}}
+ACC = {
+    "ce": {100: (40, 42), 200: (50, 50), 400: (60, 62)},
+    "kd": {100: (45, 45), 200: (55, 55), 400: (65, 65)},
+    "ckd_all": {100: (50, 50), 200: (60, 60), 400: (70, 70)},
+}
 
 
 def _rows(**extra):
@@ -26,9 +34,19 @@ def _rows(**extra):
     for m, by in ACC.items():
         for b, accs in by.items():
             for seed, a in enumerate(accs):
-                rows.append({**BASE, **extra, "method": m, "budget": b, "seed": seed,
-                             "lr": 0.05, "test_acc": a / 100, "best_val_acc": 0.5,
-                             "teacher_calls": 0 if m == "ce" else int(0.8 * b)})
+                rows.append(
+                    {
+                        **BASE,
+                        **extra,
+                        "method": m,
+                        "budget": b,
+                        "seed": seed,
+                        "lr": 0.05,
+                        "test_acc": a / 100,
+                        "best_val_acc": 0.5,
+                        "teacher_calls": 0 if m == "ce" else int(0.8 * b),
+                    }
+                )
     return rows
 
 
@@ -40,15 +58,16 @@ def test_interpolate_calls():
     assert report.interpolate_calls(pts, 65.1) == (None, False)
     assert report.interpolate_calls(pts, 40.0) == (80.0, True)
     # non-monotone curve: first crossing counts
-    assert report.interpolate_calls([(1, 10.0), (2, 30.0), (3, 20.0), (4, 40.0)], 25.0)[0] == \
-        pytest.approx(1.75)
+    assert report.interpolate_calls([(1, 10.0), (2, 30.0), (3, 20.0), (4, 40.0)], 25.0)[
+        0
+    ] == pytest.approx(1.75)
 
 
 def test_curves_place_ce_at_budget_calls():
     cv = report.curves(_rows(), 100.0)
     assert [p["calls"] for p in cv["ce"]] == [80.0, 160.0, 320.0]
     ce0 = cv["ce"][0]
-    assert ce0["mean"] == pytest.approx(41.0) and ce0["std"] == pytest.approx(2 ** 0.5)
+    assert ce0["mean"] == pytest.approx(41.0) and ce0["std"] == pytest.approx(2**0.5)
     assert ce0["n"] == 2
 
 
@@ -56,8 +75,11 @@ def test_table1_hand_computed():
     rows = _rows()
     key = next(iter(report.group_rows(rows)))
     md = report.table1(key, rows, targets=[52.0, 60.0, 66.0])
-    lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
-             for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln}
+    lines = {
+        ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+        for ln in md.splitlines()
+        if ln.startswith("| ") and "---" not in ln
+    }
     # CE: 160 + 2/11*160 = 189.09; 160 + 10/11*160 = 305.45; never
     assert lines["CE only"] == ["0.189", "0.305", "—"]
     # KD: 80 + 0.7*80 = 136; 160 + 0.5*160 = 240; never
@@ -94,10 +116,22 @@ def test_table2_mean_std_and_lr_selection():
 
 def test_make_report_writes_markdown_and_figures(tmp_path):
     res = tmp_path / "results.jsonl"
-    rows = _rows() + [{**r, "method": m} for r in _rows() if r["method"] == "kd"
-                      for m in ("rkd", "rkd_d10", "rkd_d50")]
-    rows += [{**r, "dataset": "digits", "paper_dataset": None, "teacher_arch": "digits_cnn",
-              "student_arch": "digits_mlp"} for r in _rows()]
+    rows = _rows() + [
+        {**r, "method": m}
+        for r in _rows()
+        if r["method"] == "kd"
+        for m in ("rkd", "rkd_d10", "rkd_d50")
+    ]
+    rows += [
+        {
+            **r,
+            "dataset": "digits",
+            "paper_dataset": None,
+            "teacher_arch": "digits_cnn",
+            "student_arch": "digits_mlp",
+        }
+        for r in _rows()
+    ]
     for i, r in enumerate(rows):
         grid.append_row(res, {**r, "run_id": f"r{i}"})
     path = report.make_report(res, tmp_path / "rep")
