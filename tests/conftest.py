@@ -173,7 +173,8 @@ def value_and_grad(
                 tape.watch(args[i])
             value = fn(*args)
         grads = tape.gradient(value, [args[i] for i in wrt])
-        grads = [tf.zeros_like(args[i]) if g is None else g for i, g in zip(wrt, grads)]
+        pairs = zip(wrt, grads, strict=True)
+        grads = [tf.zeros_like(args[i]) if g is None else g for i, g in pairs]
     elif BACKEND == "torch":
         import torch
 
@@ -185,7 +186,8 @@ def value_and_grad(
             grads = torch.autograd.grad(value, [args[i] for i in wrt], allow_unused=True)
         else:  # e.g. only the teacher side, which carries no gradient
             grads = [None] * len(wrt)
-        grads = [torch.zeros_like(args[i]) if g is None else g for i, g in zip(wrt, grads)]
+        pairs = zip(wrt, grads, strict=True)
+        grads = [torch.zeros_like(args[i]) if g is None else g for i, g in pairs]
         value = value.detach()
         grads = [g.detach() for g in grads]
     else:
@@ -240,7 +242,12 @@ class Batch:
 
 
 def make_batch(
-    n: int, d: int, dtype: str, seed: int, scale: float = 1.0, offset: float = 0.0,
+    n: int,
+    d: int,
+    dtype: str,
+    seed: int,
+    scale: float = 1.0,
+    offset: float = 0.0,
     kind: str = "independent",
 ) -> Batch:
     rng = np.random.default_rng(seed)

@@ -34,7 +34,7 @@ def comparative_pairs(teacher, student, a, b, weights=None):
     n, d = s.shape
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     num = den = 0.0
-    for i, j in zip(a, b):
+    for i, j in zip(a, b, strict=True):
         diff = (s[i] - s[j]) - (t[i] - t[j])
         num += w[i] * w[j] * np.sum(diff**2)
         den += w[i] * w[j] * d
@@ -44,7 +44,7 @@ def comparative_pairs(teacher, student, a, b, weights=None):
 def comparative_groups(teacher, student, group_a, group_b):
     t, s = _f64(teacher, student)
     terms = []
-    for ga, gb in zip(group_a, group_b):
+    for ga, gb in zip(group_a, group_b, strict=True):
         ds = s[list(ga)].mean(0) - s[list(gb)].mean(0)
         dt = t[list(ga)].mean(0) - t[list(gb)].mean(0)
         terms.append(np.mean((ds - dt) ** 2))
@@ -143,7 +143,7 @@ def rkd_angle_loops(teacher, student):
 def kd(teacher, student, temperature=4.0):
     t, s = _f64(teacher, student)
     total = 0.0
-    for row_t, row_s in zip(t, s):
+    for row_t, row_s in zip(t, s, strict=True):
         zt, zs = row_t / temperature, row_s / temperature
         log_pt = zt - zt.max() - np.log(np.sum(np.exp(zt - zt.max())))
         log_ps = zs - zs.max() - np.log(np.sum(np.exp(zs - zs.max())))

@@ -211,7 +211,9 @@ def test_bad_shapes_raise_value_error_naming_both(name, true_shape, pred_shape):
     assert str(true_shape) in message and str(pred_shape) in message, message
 
 
-@pytest.mark.parametrize("dtypes", [("int32", "int32"), ("float32", "int32"), ("int64", "float32"), ("bool", "bool")])
+@pytest.mark.parametrize(
+    "dtypes", [("int32", "int32"), ("float32", "int32"), ("int64", "float32"), ("bool", "bool")]
+)
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_non_float_dtypes_raise_type_error(name, dtypes):
     fn, _ = LOSSES[name]
@@ -383,12 +385,17 @@ def test_comparative_with_unknown_batch_size(n):
     weights = tf.TensorSpec((None,), tf.float64)
     plain = tf.function(F.comparative_loss, input_signature=[spec, spec])
     weighted = tf.function(
-        lambda t, s, w: F.comparative_loss(t, s, sample_weight=w), input_signature=[spec, spec, weights]
+        lambda t, s, w: F.comparative_loss(t, s, sample_weight=w),
+        input_signature=[spec, spec, weights],
     )
     kd = tf.function(F.kd_loss, input_signature=[spec, spec])
     batch = make_batch(n, 4, "float64", seed=n)
     w = np.linspace(0.5, 1.5, n)
-    assert_close(to_float(plain(*batch.tensors())), oracle.comparative(batch.teacher, batch.student), "float64")
+    assert_close(
+        to_float(plain(*batch.tensors())),
+        oracle.comparative(batch.teacher, batch.student),
+        "float64",
+    )
     assert_close(
         to_float(weighted(*batch.tensors(), tf.constant(w))),
         oracle.comparative(batch.teacher, batch.student, w),

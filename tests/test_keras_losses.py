@@ -6,6 +6,9 @@ import keras
 import numpy as np
 import oracle
 import pytest
+
+import ckd_core
+from ckd_core import functional as F
 from conftest import (
     BACKEND,
     HAS_GRADIENTS,
@@ -16,9 +19,6 @@ from conftest import (
     to_float,
     to_tensor,
 )
-
-import ckd_core
-from ckd_core import functional as F
 
 CLASSES_AND_CONFIGS = [
     (ckd_core.ComparativeLoss, {}),
@@ -135,7 +135,12 @@ def _model(d_in: int = 6, d_out: int = 4, seed: int = 0) -> keras.Model:
 
 @pytest.mark.parametrize(
     "loss",
-    [ckd_core.ComparativeLoss(), ckd_core.KDLoss(), ckd_core.RKDLoss(), ckd_core.ProjectedRKDLoss(out_dim=3)],
+    [
+        ckd_core.ComparativeLoss(),
+        ckd_core.KDLoss(),
+        ckd_core.RKDLoss(),
+        ckd_core.ProjectedRKDLoss(out_dim=3),
+    ],
     ids=lambda loss: type(loss).__name__,
 )
 def test_tiny_model_trains_two_steps(loss):
@@ -143,7 +148,9 @@ def test_tiny_model_trains_two_steps(loss):
     model = _model()
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss)
     before = [np.array(w) for w in model.get_weights()]
-    expected = to_float(type(loss).from_config(loss.get_config())(teacher[:8], model.predict(x[:8], verbose=0)))
+    expected = to_float(
+        type(loss).from_config(loss.get_config())(teacher[:8], model.predict(x[:8], verbose=0))
+    )
     if BACKEND == "numpy":
         # The numpy backend cannot train; evaluation still runs the loss.
         value = model.evaluate(x[:8], teacher[:8], batch_size=8, verbose=0)
@@ -151,11 +158,15 @@ def test_tiny_model_trains_two_steps(loss):
         with pytest.raises(NotImplementedError):
             model.fit(x, teacher, batch_size=8, epochs=1, steps_per_epoch=2, verbose=0)
         return
-    history = model.fit(x, teacher, batch_size=8, epochs=1, steps_per_epoch=2, shuffle=False, verbose=0)
+    history = model.fit(
+        x, teacher, batch_size=8, epochs=1, steps_per_epoch=2, shuffle=False, verbose=0
+    )
     losses = history.history["loss"]
     assert len(losses) == 1 and np.isfinite(losses[0])
     after = model.get_weights()
-    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True)), "weights did not move"
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True)), (
+        "weights did not move"
+    )
     assert all(np.all(np.isfinite(w)) for w in after)
 
 

@@ -169,7 +169,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _dist_atol(b: Batch, tau: float, beta: float, gamma: float) -> float:
-    """Pearson of centred probabilities: error ~ eps * ||p|| / ||p - mean(p)||."""
+    """Pearson of centred probabilities: error ~ eps * ||p|| / (||p - mean(p)|| + 1e-8).
+
+    Saturated softmax columns (every row ~1 - 1e-9 for one class) are
+    centred to rounding noise in float32: DIST is then ill-conditioned
+    there, and the bound says so.
+    """
     cond = 1.0
     for x in (b.teacher, b.student):
         p = _softmax(x / tau)
@@ -177,9 +182,7 @@ def _dist_atol(b: Batch, tau: float, beta: float, gamma: float) -> float:
             centred = p - p.mean(axis=axis, keepdims=True)
             norm_c = np.sqrt(np.sum(centred**2, axis=axis))
             norm_p = np.sqrt(np.sum(p**2, axis=axis))
-            # Nearly constant rows/columns (norm_c tiny) are damped by the
-            # +1e-8 in the denominator: their correlation is ~0 either way.
-            cond = max(cond, float(np.max(norm_p / (norm_c + 1e-8 + 1e-3 * norm_p))))
+            cond = max(cond, float(np.max(norm_p / (norm_c + 1e-8))))
     return 64 * compute_eps(b.dtype) * tau**2 * (beta + gamma) * cond
 
 
@@ -234,7 +237,9 @@ def test_comparative_translation_invariance(b, shift_scale):
     # moved - teacher differs from (student - teacher) + shift by rounding:
     # ~eps * max|x| per entry.
     eps = compute_eps(b.dtype)
-    atol = 16 * eps * _max_abs(b.teacher, b.student, moved) * (np.sqrt(base) + eps * _max_abs(moved))
+    atol = (
+        16 * eps * _max_abs(b.teacher, b.student, moved) * (np.sqrt(base) + eps * _max_abs(moved))
+    )
     assert_close(got, base, b.dtype, atol=atol)
 
 
@@ -393,12 +398,12 @@ def _check_directional_derivatives(
         if not move_teacher:
             dirs[0] = np.zeros_like(dirs[0])
 
-        def at(step: float) -> float:
-            moved = [x + step * v for x, v in zip(args, dirs)]
+        def at(step: float, dirs: list[np.ndarray] = dirs) -> float:
+            moved = [x + step * v for x, v in zip(args, dirs, strict=True)]
             return to_float(fn(to_tensor(moved[0]), to_tensor(moved[1])))
 
         fd = (at(h) - at(-h)) / (2 * h)
-        ad = sum(float(np.sum(g * v)) for g, v in zip(grads, dirs))
+        ad = sum(float(np.sum(g * v)) for g, v in zip(grads, dirs, strict=True))
         scale = float(np.sqrt(sum(np.sum(g**2) for g in grads) * sum(np.sum(v**2) for v in dirs)))
         # Truncation O(h^2) and rounding noise ~eps |f| / h of the central difference.
         assert abs(fd - ad) <= 1e-6 * scale + 1e-13 * max(abs(f0), noise) / h, (fd, ad, scale)
@@ -412,7 +417,10 @@ GRAD_LOSSES = ["comparative", "weighted", "pairs", "groups", "projected", "kd", 
 @pytest.mark.parametrize("name", GRAD_LOSSES)
 @given(
     b=batches(
-        max_n=32, max_d=32, dtypes=["float64"], kinds=["independent", "close", "affine"],
+        max_n=32,
+        max_d=32,
+        dtypes=["float64"],
+        kinds=["independent", "close", "affine"],
         min_scale=0.1,
     )
 )
@@ -425,7 +433,10 @@ def test_gradients_match_finite_differences(name, b):
 @pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle"])
 @given(
     b=batches(
-        max_n=ANGLE_MAX_N, max_d=32, dtypes=["float64"], kinds=["independent", "affine"],
+        max_n=ANGLE_MAX_N,
+        max_d=32,
+        dtypes=["float64"],
+        kinds=["independent", "affine"],
         min_scale=0.1,
     )
 )
@@ -434,7 +445,7 @@ def test_rkd_gradients_match_finite_differences(name, b):
     # for (near-)duplicate rows: keep rows apart so that the loss is smooth.
     assume(min(min_separation(b.teacher), min_separation(b.student)) > 1e-2)
     fn = _loss_fns(b)[name]
-    teacher_grad = _check_directional_derivatives(fn, b, n_dirs=2, noise=1.0, move_teacher=False)
+    teacher_grad = _check_directional_derivatives(fn, b, noise=1.0, move_teacher=False)
     # The teacher side carries no gradient.
     assert np.all(teacher_grad == 0)
 
@@ -462,7 +473,10 @@ def naive_rkd_angle(y_true, y_pred):
 @requires_gradients
 @given(
     b=batches(
-        max_n=ANGLE_MAX_N, max_d=32, dtypes=["float64"], kinds=["independent", "affine", "clustered"]
+        max_n=ANGLE_MAX_N,
+        max_d=32,
+        dtypes=["float64"],
+        kinds=["independent", "affine", "clustered"],
     )
 )
 def test_rkd_angle_custom_gradient_matches_naive_autodiff(b):

@@ -9,15 +9,15 @@ import sys
 import numpy as np
 import oracle
 import pytest
+
 from conftest import BACKEND, assert_close, make_batch
 
 pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="ckd_torch needs the torch backend")
 
 if BACKEND == "torch":
+    import ckd_torch
     import keras
     import torch
-
-    import ckd_torch
 
 
 def _pair(n: int = 8, d: int = 5, seed: int = 0, dtype=None):
@@ -121,8 +121,10 @@ def test_pairs_and_groups_equal_mse_formulas():
     # All pairs == MSELoss over every ordered pair i != j.
     i, j = torch.nonzero(~torch.eye(10, dtype=torch.bool), as_tuple=True)
     torch.testing.assert_close(
-        module(student, teacher), mse(student[i] - student[j], teacher[i] - teacher[j]),
-        rtol=1e-5, atol=1e-7,
+        module(student, teacher),
+        mse(student[i] - student[j], teacher[i] - teacher[j]),
+        rtol=1e-5,
+        atol=1e-7,
     )
 
 
@@ -197,7 +199,9 @@ def test_device_kept_when_keras_default_device_differs():
             s = student.clone().requires_grad_(True)
             loss = make()(s, teacher)
             assert loss.device.type == "cpu", name
-            assert_close(loss.item(), reference(batch.teacher, batch.student), "float64", atol=1e-13)
+            assert_close(
+                loss.item(), reference(batch.teacher, batch.student), "float64", atol=1e-13
+            )
             loss.backward()
             assert s.grad.device.type == "cpu" and torch.isfinite(s.grad).all()
         index = (torch.tensor([0, 1]), torch.tensor([2, 3]))
@@ -210,8 +214,12 @@ def test_device_kept_when_keras_default_device_differs():
 
 
 def test_import_error_when_keras_runs_another_backend():
-    code = "import keras\ntry:\n    import ckd_torch\nexcept ImportError as e:\n    print('ERR', e)\n"
+    code = (
+        "import keras\ntry:\n    import ckd_torch\nexcept ImportError as e:\n    print('ERR', e)\n"
+    )
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "numpy" in out.stdout and "KERAS_BACKEND=torch" in out.stdout
