@@ -46,6 +46,10 @@ Pairwise methods (``ckd_pairs``, ``ckd_groups*``, ``mixup``, ``X+ckd``) run the
 student on 2 x batch_size images per step; ``ckd_all`` and the rest on
 batch_size. CRD draws its negatives uniformly over the cached training
 subset (the noise distribution its NCE loss assumes), K = min(16384, n_train).
+``ckd_groups{k}`` forwards the same 2 x 64 images as ``ckd_pairs``: comparison m
+contrasts the mean of rows (m + j) % 64, j < k, of the first half with the same
+rows of the second half (rows are in random order), so each image sits in k groups.
+Batch-size effects: ``ckd_pairs`` sees 128 images per step, ``ckd_all`` 64.
 """
 
 from __future__ import annotations
