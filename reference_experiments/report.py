@@ -93,7 +93,17 @@ METHOD_LABELS = {
     "vid+ckd": "VID+CKD",
 }
 
-GROUP_KEYS = ("dataset", "paper_dataset", "teacher_arch", "student_arch", "preset", "teacher_view")
+#: rows that share these are one setting (one table / figure); ``teacher`` is the grid
+#: config's teacher key (two teachers of the same arch are different settings)
+GROUP_KEYS = (
+    "dataset",
+    "paper_dataset",
+    "teacher_arch",
+    "teacher",
+    "student_arch",
+    "preset",
+    "teacher_view",
+)
 
 
 def is_ours(method: str) -> bool:
@@ -255,7 +265,10 @@ def _fmt_k(calls: float) -> str:
 
 def _group_header(key: tuple, rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     d = dict(zip(GROUP_KEYS, key, strict=True))
-    title = f"{d['teacher_arch']} → {d['student_arch']}"
+    teacher = d["teacher_arch"]
+    if d["teacher"] and d["teacher"] != d["teacher_arch"]:
+        teacher = f"{d['teacher_arch']} (teacher `{d['teacher']}`)"
+    title = f"{teacher} → {d['student_arch']}"
     seeds = sorted({r.get("seed") for r in rows}, key=str)
     lrs = sorted({r.get("lr") for r in rows if r.get("lr") is not None}, key=str)
     preset = PRESET_NOTES.get(d["preset"], f"preset `{d['preset']}`")
@@ -358,7 +371,9 @@ def table2(key: tuple, rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _slug(key: tuple) -> str:
     d = dict(zip(GROUP_KEYS, key, strict=True))
-    parts = [d["dataset"], d["teacher_arch"], d["student_arch"], d["preset"], d["teacher_view"]]
+    teacher = d["teacher"] if d["teacher"] and d["teacher"] != d["teacher_arch"] else None
+    parts = [d["dataset"], d["teacher_arch"], teacher, d["student_arch"], d["preset"]]
+    parts.append(d["teacher_view"])
     return "_".join(str(p) for p in parts if p).replace("/", "-").replace("+", "p")
 
 

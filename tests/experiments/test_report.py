@@ -143,3 +143,13 @@ def test_make_report_writes_markdown_and_figures(tmp_path):
     for p in pngs:
         assert (tmp_path / "rep" / p).read_bytes()[:4] == b"\x89PNG"
         assert p in md
+
+
+def test_two_teachers_of_one_arch_stay_apart():
+    rows = [{**r, "teacher": t} for t in ("a", "b") for r in _rows()]
+    sel = report.select_lr(rows)
+    assert len(sel) == len(rows)  # not mistaken for lr variants of one run
+    groups = report.group_rows(sel)
+    assert len(groups) == 2
+    titles = [report._group_header(k, g)[0] for k, g in groups.items()]
+    assert titles == ["wrn_40_2 (teacher `a`) → wrn_16_2", "wrn_40_2 (teacher `b`) → wrn_16_2"]
