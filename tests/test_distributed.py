@@ -113,6 +113,76 @@ def _data(total: int, d_in: int, d_out: int, seed: int = 123) -> tuple[np.ndarra
     return x, teacher, weights
 
 
+# ------------------------------------------------- core, in-process replicas
+
+
+class _ThreadReplicas:
+    """``all_reduce`` for replicas simulated by threads (values only)."""
+
+    def __init__(self, count: int) -> None:
+        import threading
+
+        self.barrier = threading.Barrier(count)
+        self.slots: list = [None] * count
+
+    def all_reduce(self, rank: int):
+        from keras import ops
+
+        def reduce(x):
+            self.slots[rank] = ops.convert_to_numpy(x)
+            self.barrier.wait()
+            total = sum(self.slots[1:], self.slots[0])  # same order on every replica
+            self.barrier.wait()
+            return ops.convert_to_tensor(total, dtype=x.dtype)
+
+        return reduce
+
+
+@pytest.mark.parametrize("sizes", [[3, 4], [5, 0, 2], [1, 1, 1, 1], [7]])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_core_all_reduce_equals_concatenated_batch(sizes: list[int], weighted: bool) -> None:
+    """Every replica's ``all_reduce`` loss equals the loss of the whole batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import keras
+
+    from ckd_core import functional
+
+    x, teacher, weights = _data(sum(sizes), 5, D_OUT)
+    student = x[:, :D_OUT] * 2 + 1
+    w = weights if weighted else None
+    projection = functional.make_projection(D_OUT, 2)
+    bounds = np.cumsum([0, *sizes])
+    replicas = _ThreadReplicas(len(sizes))
+
+    def run(rank: int) -> tuple[float, float]:
+        part = slice(bounds[rank], bounds[rank + 1])
+        reduce = replicas.all_reduce(rank)
+        local_w = None if w is None else w[part]
+        ckd = functional.comparative_loss(teacher[part], student[part], local_w, all_reduce=reduce)
+        proj = functional.projected_rkd_loss(
+            teacher[part], student[part], projection, local_w, all_reduce=reduce
+        )
+        return float(keras.ops.convert_to_numpy(ckd)), float(keras.ops.convert_to_numpy(proj))
+
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        values = list(pool.map(run, range(len(sizes))))
+    whole = functional.comparative_loss(teacher, student, w)
+    # Keras' numpy backend computes several float64 ops (square, where) in float32.
+    exact = keras.backend.standardize_dtype(whole.dtype) == "float64"
+    tol = TOL if exact and keras.backend.backend() != "numpy" else 1e-5
+    expected = (
+        float(keras.ops.convert_to_numpy(whole)),
+        float(
+            keras.ops.convert_to_numpy(
+                functional.projected_rkd_loss(teacher, student, projection, w)
+            )
+        ),
+    )
+    for value in values:
+        assert _rel(value, expected) <= tol, (value, expected)
+
+
 # --------------------------------------------------------------------- torch
 
 TORCH_SIZES = {3: [6, 1, 4], 2: [5, 9]}  # uneven local batches (one of size 1)

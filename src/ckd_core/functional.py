@@ -200,8 +200,9 @@ def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) ->
     whatever the batch size, in the two-pass centred form (no
     ``sum||e||^2 - ||sum e||^2 / W`` cancellation):
 
-    1. ``[sum_i w_i e_i, sum_i w_i, sum_i w_i^2]`` (``d + 2`` numbers) gives
-       the global weight sum ``W`` and mean ``m``;
+    1. ``[sum_i w_i e_i, sum_i w_i, sum_i w_i^2]`` (``d + 2`` numbers;
+       ``[sum_i e_i, n]`` without weights) gives the global weight sum ``W``
+       and mean ``m``;
     2. the scalar ``sum_i w_i ||e_i - m||^2`` about that global mean, which
        equals Chan's merge ``M2_r + W_r ||m_r - m||^2`` of the local centred
        sums, summed over replicas.
@@ -217,20 +218,25 @@ def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) ->
     if w is None:
         count = ops.sum(ops.ones_like(e[:, :1]), axis=0)  # (1,), in e's dtype
         stats = all_reduce(ops.concatenate([ops.stop_gradient(ops.sum(e, axis=0)), count]))
-        total_w = stats[d]
+        total_w = stats[d : d + 1]
         pair_w = total_w * (total_w - 1)
     else:
         w_col = w[:, None]
         weight_sums = ops.stack([ops.sum(w), ops.sum(ops.square(w))])
         local = ops.concatenate([ops.stop_gradient(ops.sum(e * w_col, axis=0)), weight_sums])
         stats = all_reduce(local)
-        total_w = stats[d]
-        pair_w = ops.square(total_w) - stats[d + 1]
-    mean = stats[None, :d] / ops.where(total_w > 0, total_w, 1)
+        total_w = stats[d : d + 1]
+        pair_w = ops.square(total_w) - stats[d + 1 : d + 2]
+    # Guards by masks, not ops.where: Keras' numpy backend computes
+    # ops.where in float32 even for float64 operands.
+    dtype = keras.backend.standardize_dtype(e.dtype)
+    mean = stats[None, :d] / (total_w + ops.cast(total_w <= 0, dtype))
     sq = ops.square(e - mean)
     local_spread = ops.sum(sq if w is None else sq * w[:, None])
-    spread = all_reduce(ops.reshape(local_spread, (1,)))[0]
-    return _safe_ratio(2 * total_w * spread, pair_w * d)
+    spread = all_reduce(ops.reshape(local_spread, (1,)))
+    has_pairs = ops.cast(pair_w > 0, dtype)
+    ratio = (2 * total_w * spread) / ((pair_w + (1 - has_pairs)) * d)
+    return ops.reshape(ratio * has_pairs, ())
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
