@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     s.add_argument("--data-dir", default=None)
     s.add_argument("--results", default=None, help="also append the row to this JSONL")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     g = sub.add_parser("grid", help="run a TOML grid resumably (one JSONL row per run)")
     g.add_argument(
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--run-fn", default=None, help=argparse.SUPPRESS)  # module:function (tests)
 
     r = sub.add_parser("report", help="Markdown tables + PNG figures from results JSONL")
@@ -116,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--methods", default=None, help="comma-separated methods")
     q.add_argument("--teacher-epochs", type=int, default=None)
     q.add_argument("--max-epochs", type=int, default=None)
+    q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return p
 
 
@@ -221,7 +224,7 @@ def _cmd_quickstart(a: argparse.Namespace) -> int:
         kw["teacher_epochs"] = a.teacher_epochs
     if a.max_epochs is not None:
         kw["max_epochs"] = a.max_epochs
-    quickstart.main(out=a.out, **kw)
+    quickstart.main(out=a.out, threads=a.threads, **kw)
     return 0
 
 
@@ -232,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(teacher.main(argv[1:]) or 0)
     a = _parser().parse_args(argv)
+    if getattr(a, "threads", None) and a.cmd != "quickstart":
+        import torch
+
+        torch.set_num_threads(a.threads)
     return {
         "student": _cmd_student,
         "grid": _cmd_grid,
