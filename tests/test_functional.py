@@ -92,10 +92,20 @@ def test_degenerate_inputs_are_finite_and_match_oracle(name, case, dtype):
         # probabilities against the +1e-8 of the denominator.
         atol = 1e3 * compute_eps(dtype)
     assert_close(value, want, dtype, atol=atol)
-    if HAS_GRADIENTS:
-        _, grads = value_and_grad(fn, [to_tensor(t, dtype), to_tensor(s, dtype)], wrt=(0, 1))
-        for g in grads:
-            assert np.all(np.isfinite(g)), (name, case, dtype, g)
+    if not HAS_GRADIENTS:
+        return
+    constant_student = case in ("student_duplicates_only", "zero_student")
+    if name == "dist" and dtype == "float16" and constant_student:
+        # DIST's Pearson denominator ||a|| ||b|| + 1e-8 (the authors' code)
+        # has slope b / 1e-8 where the student's centred probabilities a are
+        # 0: a gradient of ~1e6, finite in float32 (the compute dtype) but
+        # beyond float16's 65504. Check that this is the only reason.
+        _, grads = value_and_grad(fn, [to_tensor(t, "float32"), to_tensor(s, "float32")], wrt=(1,))
+        assert np.all(np.isfinite(grads[0])) and np.max(np.abs(grads[0])) > DTYPE_MAX["float16"]
+        return
+    _, grads = value_and_grad(fn, [to_tensor(t, dtype), to_tensor(s, dtype)], wrt=(0, 1))
+    for g in grads:
+        assert np.all(np.isfinite(g)), (name, case, dtype, g)
 
 
 # Data at the edge of each dtype's range (float16 stops at 65504; bfloat16
