@@ -9,12 +9,17 @@ Examples::
     python -m reference_experiments grid reference_experiments/configs/table1.toml --dry-run
     python -m reference_experiments grid reference_experiments/configs/table1.toml --device cuda
     python -m reference_experiments report runs/table1/results.jsonl --out runs/table1/report
+
+``student`` and ``train-teacher`` also run data-parallel under ``torchrun
+--nproc_per_node=N -m reference_experiments ...`` (DDP; rank 0 queries the
+teacher, evaluates and writes; see ``reference_experiments/distributed.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=None)
     s.add_argument("--results", default=None, help="also append the row to this JSONL")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm over all ranks"
+    )
 
     g = sub.add_parser("grid", help="run a TOML grid resumably (one JSONL row per run)")
     g.add_argument(
@@ -123,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_student(a: argparse.Namespace) -> int:
+    from reference_experiments import distributed as rdist
     from reference_experiments import grid
 
     if a.teacher is None and a.method != "ce":
@@ -141,19 +150,27 @@ def _cmd_student(a: argparse.Namespace) -> int:
         "teacher_path": a.teacher,
         "teacher_id": {"path": str(a.teacher)},
     }
+    if a.sync_bn:
+        spec["sync_bn"] = True
     spec["run_id"] = grid.run_id(spec)
     runner = grid.StudentRunner({"teachers": {}}, device=a.device, data_dir=a.data_dir)
     row = dict(runner(spec))
     row.setdefault("run_id", spec["run_id"])
-    print(json.dumps(row, sort_keys=True, default=str))
-    if a.results:
-        grid.append_row(a.results, row)
+    if rdist.is_main():  # under torchrun every rank has rank 0's row; one writes it
+        print(json.dumps(row, sort_keys=True, default=str))
+        if a.results:
+            grid.append_row(a.results, row)
     return 0
 
 
 def _cmd_grid(a: argparse.Namespace) -> int:
     from reference_experiments import grid
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            "grid does not run under torchrun (every rank would run every spec); "
+            "use `student` under torchrun, or `grid --shard I/N` in N processes"
+        )
     cfg = grid.load_config(_resolve_config(a.config))
     if a.dataset:
         cfg["defaults"]["dataset"] = a.dataset
@@ -233,18 +250,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "train-teacher":
         from reference_experiments import teacher
 
-        return int(teacher.main(argv[1:]) or 0)
+        with _process_group():
+            return int(teacher.main(argv[1:]) or 0)
     a = _parser().parse_args(argv)
     if getattr(a, "threads", None) and a.cmd != "quickstart":
         import torch
 
         torch.set_num_threads(a.threads)
+    if a.cmd == "student":
+        with _process_group():
+            return _cmd_student(a)
     return {
-        "student": _cmd_student,
         "grid": _cmd_grid,
         "report": _cmd_report,
         "quickstart": _cmd_quickstart,
     }[a.cmd](a)
+
+
+class _ProcessGroup:
+    """Joins torchrun's process group on entry (no-op without torchrun) and
+    leaves it on exit."""
+
+    def __enter__(self) -> None:
+        from reference_experiments import distributed as rdist
+
+        rdist.init_from_env()
+
+    def __exit__(self, *exc: object) -> None:
+        from reference_experiments import distributed as rdist
+
+        if exc[0] is None:
+            rdist.barrier()  # rank 0 has written its row / weights
+        rdist.cleanup()
+
+
+def _process_group() -> _ProcessGroup:
+    return _ProcessGroup()
 
 
 if __name__ == "__main__":

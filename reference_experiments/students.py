@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from ckd_core import TeacherBudget
+from reference_experiments import distributed as rdist
 from reference_experiments.methods import Batch, Method, MethodSpec, build_method, parse_method
 
 __all__ = [
@@ -120,14 +121,14 @@ class StudentConfig:
     eval_batch_size: int = 1000
     teacher_batch_size: int = 500
     log_every: int = 0  # print a line every N epochs (0: silent)
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm across ranks (CUDA)
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the result row
 
 
 # ----------------------------------------------------------------------------- helpers
 def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``auto``: cuda if available; under torchrun ``cuda`` means ``cuda:LOCAL_RANK``."""
+    return rdist.device_for(device)
 
 
 def split_subset(num_train: int, n: int, seed: int, val_fraction: float = 0.2):
@@ -286,6 +287,46 @@ def step_loss(
     return method(logits, feats, teacher, labels, batch)
 
 
+def _wrap_ddp(learner: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """``DistributedDataParallel`` over student + method (the method's own
+    parameters: CRD embeddings, FitNets/VID regressors). Buffers are not
+    broadcast: BatchNorm statistics and CRD's memory bank stay per rank
+    (rank 0's are the ones evaluated); ``sync_bn`` normalises over the
+    global batch instead."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if sync_bn:
+        if device.type != "cuda":
+            raise ValueError("sync_bn (SyncBatchNorm) needs CUDA devices")
+        learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
+    ids = [device.index] if device.type == "cuda" else None
+    # never synced (not even at init): pair/group index buffers have the
+    # rank's shard size, the rest start equal (same seed) and stay per rank
+    buffers = [name for name, _ in learner.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(learner, buffers)
+    return DDP(learner, device_ids=ids)
+
+
+def _use_global_losses(method: Method, spec: MethodSpec, seed: int, scale: float) -> None:
+    """Under torchrun: CKD all-pairs and RKD_d compare the pairs of the global
+    batch (``global_batch=True``: O(dim) all-reduces; their gradients are
+    already those of the global batch after DDP's averaging). The step's loss
+    is multiplied by ``scale`` (:attr:`_Run.loss_scale`) for the per-rank
+    terms; these global terms are divided by it to stay unscaled."""
+    if spec.base == "ckd_all":
+        method.ckd = ckd_torch.ComparativeLoss(global_batch=True)
+        module: nn.Module | None = method.ckd
+    elif spec.base == "rkd_d":
+        method.rkd_d = ckd_torch.ProjectedRKDLoss(
+            out_dim=spec.proj_dim, seed=seed, global_batch=True
+        )
+        module = method.rkd_d
+    else:
+        module = None
+    if module is not None and scale != 1.0:
+        module.register_forward_hook(lambda _m, _args, out: out / scale)
+
+
 def _epoch_order(
     gen: torch.Generator, n: int, steps: int, per_step: int, device: torch.device
 ) -> torch.Tensor:
@@ -303,7 +344,13 @@ class _Run:
         from reference_experiments import models
 
         self.cfg = cfg
+        rdist.init_from_env()
+        self.world, self.rank = rdist.world_size(), rdist.rank()
         self.device = device = resolve_device(cfg.device)
+        # this rank's share of each global batch (of each side of a pairwise batch)
+        self.local_batch = rdist.shard_size(cfg.batch_size)
+        if self.local_batch < 1:
+            raise ValueError(f"batch_size {cfg.batch_size} < world size {self.world}")
         if cfg.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
         self.preset = PRESETS[cfg.preset]
@@ -336,7 +383,8 @@ class _Run:
             self.feature_indices = tuple(range(1, n - 1))
         self.budget: TeacherBudget | None = None
         self.tcache: dict[str, torch.Tensor] = {}
-        if self.spec.uses_teacher:
+        if self.spec.uses_teacher and rdist.is_main():
+            # rank 0 alone calls the teacher: the budget is counted once
             self.tcache, self.budget = query_teacher(
                 self.t_model,
                 self.t_meta,
@@ -346,6 +394,8 @@ class _Run:
                 self.feature_indices,
                 device,
             )
+        if self.spec.uses_teacher and self.world > 1:
+            self.tcache = rdist.broadcast_tensors(self.tcache, device)
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
         self.x_train = to(dataset.x_train[self.train_ids])
         self.y_train = to(dataset.y_train[self.train_ids]).long()
@@ -366,18 +416,27 @@ class _Run:
             self.spec,
             num_classes=ds.num_classes,
             n_train=self.n_train,
-            batch_size=cfg.batch_size,
+            batch_size=self.local_batch,
             student_shapes=self.student_shapes,
             teacher_shapes=self.teacher_shapes,
             weights=cfg.weights,
             seed=cfg.seed,
         )
+        if self.world > 1:
+            _use_global_losses(method, self.spec, cfg.seed, self.loss_scale)
         student.to(self.device)
         method.to(self.device)
         if self.device.type == "cuda":
             student.to(memory_format=torch.channels_last)
             method.to(memory_format=torch.channels_last)
         return student, method
+
+    @property
+    def loss_scale(self) -> float:
+        """``n_r * world / N``: DDP averages per-rank gradients, so a per-rank
+        mean over a shard of ``n_r`` of ``N`` samples is scaled by this to
+        weigh every sample of the global batch alike (1 for even shards)."""
+        return self.local_batch * self.world / self.cfg.batch_size
 
     def train(self, lr: float, lr_index: int = 0) -> dict[str, Any]:
         """One training run at ``lr``; returns best state and counters."""
@@ -402,13 +461,22 @@ class _Run:
         )
         patience = preset.patience if cfg.patience is None else cfg.patience
         steps = math.ceil(self.n_train / cfg.batch_size)
-        per_step = method.images_per_step
+        per_step = self.spec.images_per_step(cfg.batch_size)  # global batch
         sched = None
         if preset.schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs * steps)
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed * 7919 + lr_index)
         need_features = self.spec.whitebox is not None
+        world, rank = self.world, self.rank
+        order_gen, ddp = gen, None
+        if world > 1:
+            # the same epoch order on every rank, per-rank augmentation/sampling
+            order_gen = torch.Generator(device=device)
+            order_gen.manual_seed(cfg.seed * 7919 + lr_index)
+            gen.manual_seed(cfg.seed * 7919 + lr_index + 1_000_003 * rank)
+            ddp = _wrap_ddp(Learner(student, method, need_features, device), device, cfg.sync_bn)
+        side = per_step // (2 if self.spec.pairwise else 1)
 
         def snapshot() -> tuple[dict, dict]:
             return copy.deepcopy(student.state_dict()), copy.deepcopy(method.state_dict())
@@ -425,23 +493,30 @@ class _Run:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            order = _epoch_order(gen, self.n_train, steps, per_step, device)
+            order = _epoch_order(order_gen, self.n_train, steps, per_step, device)
+            if world > 1:  # rank r: rows r::world of each (side of each) global batch
+                order = rdist.shard(order.unflatten(1, (-1, side))).flatten(1)
             loss_sum = torch.zeros((), device=device)
             for s in range(steps):
                 idx = order[s]
                 batch = method.sample(gen, idx)
                 x = augment(self.x_train[idx], self.dataset, gen)
                 teacher = {k: v[idx] for k, v in self.tcache.items()}
-                loss, _ = step_loss(
-                    student,
-                    method,
-                    x,
-                    teacher,
-                    self.y_train[idx],
-                    batch,
-                    need_features=need_features,
-                    autocast_device=device,
-                )
+                if ddp is None:
+                    loss, _ = step_loss(
+                        student,
+                        method,
+                        x,
+                        teacher,
+                        self.y_train[idx],
+                        batch,
+                        need_features=need_features,
+                        autocast_device=device,
+                    )
+                else:
+                    loss, _ = ddp(x, teacher, self.y_train[idx], batch)
+                    if self.loss_scale != 1.0:
+                        loss = loss * self.loss_scale
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -453,15 +528,19 @@ class _Run:
             train_time += time.perf_counter() - t0
             images += steps * per_step
             total_steps += steps
-            mean_loss = float(loss_sum.item()) / steps
+            mean_loss = float(rdist.sum_over_ranks(loss_sum).item()) / (steps * world)
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"non-finite training loss ({mean_loss}) in epoch {epoch} of "
                     f"{cfg.method} ({cfg.student_arch}, budget {cfg.budget}, seed {cfg.seed}, "
                     f"lr {lr_now:g}); lower the lr or check the teacher outputs"
                 )
-            val = evaluate(student, self.x_val, self.y_val, self.dataset, cfg.eval_batch_size)
-            if cfg.log_every and epoch % cfg.log_every == 0:
+            if rdist.is_main():
+                val = evaluate(student, self.x_val, self.y_val, self.dataset, cfg.eval_batch_size)
+            else:
+                val = 0.0
+            val = rdist.broadcast_float(val)  # the same decisions on every rank
+            if cfg.log_every and rdist.is_main() and epoch % cfg.log_every == 0:
                 print(
                     f"[{cfg.method} lr={lr:g}] epoch {epoch} loss {mean_loss:.4f} "
                     f"val {val:.4f} lr {lr_now:g}",
@@ -523,9 +602,11 @@ def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None)
         else:
             del out
     assert best is not None
-    x_test = torch.from_numpy(np.ascontiguousarray(run.dataset.x_test)).to(run.device)
-    y_test = torch.from_numpy(np.ascontiguousarray(run.dataset.y_test)).to(run.device).long()
-    test_acc = evaluate(best["student"], x_test, y_test, run.dataset, cfg.eval_batch_size)
+    test_acc = float("nan")
+    if rdist.is_main():  # under torchrun rank 0 evaluates; its row is every rank's
+        x_test = torch.from_numpy(np.ascontiguousarray(run.dataset.x_test)).to(run.device)
+        y_test = torch.from_numpy(np.ascontiguousarray(run.dataset.y_test)).to(run.device).long()
+        test_acc = evaluate(best["student"], x_test, y_test, run.dataset, cfg.eval_batch_size)
     row = {
         "dataset": run.dataset.name,
         "teacher_arch": run.teacher_arch,
@@ -552,6 +633,9 @@ def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None)
         "device": str(run.device),
         **cfg.extra,
     }
+    if run.world > 1:
+        row["world_size"] = run.world
+        row = rdist.broadcast_object(row)
     return row
 
 
@@ -629,8 +713,10 @@ def run_students(
     """
     rows: list[dict | None] = [None] * len(cfgs)
     groups: dict[tuple, list[int]] = {}
+    rdist.init_from_env()
     for i, c in enumerate(cfgs):
-        if not parse_method(c.method).stackable:
+        if rdist.world_size() > 1 or not parse_method(c.method).stackable:
+            # (under torchrun: DDP runs one by one, no vmapped stacks)
             rows[i] = run_student(c, dataset=dataset, teacher=teacher)
             continue
         groups.setdefault(_group_key(c), []).append(i)

@@ -12,6 +12,12 @@ CLI (dispatched by ``python -m reference_experiments train-teacher``)::
 
     python -m reference_experiments train-teacher --arch wrn_40_2 --dataset cifar10-jpeg \\
         --epochs 240 --seed 0 --out teachers/
+
+Under ``torchrun --nproc_per_node=N`` (see ``reference_experiments/distributed.py``)
+the model is wrapped in ``DistributedDataParallel``: every rank draws the same
+permutation and takes rows ``rank::N`` of each global batch of ``batch_size``
+(the hyperparameters keep their single-process meaning); rank 0 evaluates and
+saves, and every rank returns the same path.
 """
 
 from __future__ import annotations
@@ -176,7 +182,11 @@ def train_teacher(
     """
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
-    dev = _resolve_device(device)
+    from . import distributed as rdist
+
+    rdist.init_from_env()
+    world, rank = rdist.world_size(), rdist.rank()
+    dev = rdist.device_for(_resolve_device(device))  # cuda -> cuda:LOCAL_RANK under torchrun
     cuda = dev.type == "cuda"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -191,35 +201,49 @@ def train_teacher(
     steps_per_epoch = n // bs
     total = max(1, epochs * steps_per_epoch)
     gen = torch.Generator(device=dev).manual_seed(seed)
+    perm_gen, net = gen, model
+    if world > 1:  # same permutation everywhere, per-rank augmentation
+        perm_gen = torch.Generator(device=dev).manual_seed(seed)
+        gen.manual_seed(seed + 1_000_003 * rank)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if cuda else None)
+    if bs < world:
+        raise ValueError(f"batch_size {bs} < world size {world}")
+    # DDP averages per-rank gradients: weigh a shard of n_r of bs rows by n_r * world / bs
+    loss_scale = rdist.shard_size(bs) * world / bs
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
     )
 
     bar = None
-    if progress:
+    if progress and rdist.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, desc=f"teacher {arch}/{dataset.name}", unit="epoch")
     t0 = time.perf_counter()
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(n, device=dev, generator=gen)
+        perm = torch.randperm(n, device=dev, generator=perm_gen)
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
         for s in range(steps_per_epoch):
-            idx = perm[s * bs : (s + 1) * bs]
+            idx = rdist.shard(perm[s * bs : (s + 1) * bs])
             xb = augment(x_train[idx], dataset, gen)
             yb = y_train[idx]
             with _autocast(dev):
-                logits = model(xb)
+                logits = net(xb)
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             opt.step()
             sched.step()
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == yb).sum()
+        if world > 1:  # all ranks' rows (one all-reduce per epoch)
+            loss_sum = rdist.sum_over_ranks(loss_sum * loss_scale) / world
+            correct = rdist.sum_over_ranks(correct)
         if bar is not None:
             seen = steps_per_epoch * bs
             bar.set_postfix(loss=f"{loss_sum.item() / steps_per_epoch:.3f}",
@@ -231,6 +255,10 @@ def train_teacher(
     train_seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
+    path = Path(out_dir) / f"{teacher_name(arch, dataset, epochs, seed)}.safetensors"
+    if not rdist.is_main():  # rank 0 evaluates and saves
+        rdist.barrier()
+        return path
     acc = evaluate(model, dataset, dev)
     meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -252,7 +280,10 @@ def train_teacher(
         "device": str(dev),
         "torch": torch.__version__,
     }
+    if world > 1:
+        meta["world_size"] = world
     path = save_teacher(model, out_dir, teacher_name(arch, dataset, epochs, seed), meta)
+    rdist.barrier()
     return path
 
 
@@ -283,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device, batch_size=args.batch_size, lr=args.lr,
         progress=not args.no_progress,
     )
+    from . import distributed as rdist
+
+    if not rdist.is_main():
+        return
     meta = json.loads(path.with_suffix(".json").read_text())
     print(f"{path}  test_accuracy={meta['test_accuracy']:.4f}  "
           f"({meta['train_seconds']:.1f} s, {meta['train_images_per_s']:.0f} img/s)")
