@@ -35,6 +35,13 @@ the same dataset / student / method / batch size with ``torch.func``
 takes one SGD step for all of them; each run keeps its own lr, early-stopping
 state and best checkpoint (both presets). Methods whose loss functorch cannot
 transform (RKD's autograd.Function; probed at run time) run one by one.
+
+Several GPUs (``torchrun --nproc_per_node=N``, :mod:`reference_experiments.distributed`):
+:func:`run_student` trains one run with DDP. ``batch_size`` is the global
+batch, and rank r takes rows ``r::N`` of each step's indices (of each side for
+pairwise methods). Rank 0 alone queries the teacher and broadcasts the cache.
+``ckd_all``/``rkd_dK`` use the global-batch losses, and rank 0 evaluates.
+Every rank returns rank 0's row. Stacking is off.
 """
 
 from __future__ import annotations
