@@ -143,11 +143,12 @@ def skip_reason(case: Case, impl: str, args: argparse.Namespace) -> str | None:
     if impl == "naive":
         work = n * n * d * (1 + (PROJ_OUT // 8 if case["loss"] == "projected" else 0))
         # bfloat16 elementwise kernels run at about a sixth of float32's speed on CPU
-        if work > args.naive_max_work / (6 if dtype == "bfloat16" else 1):
+        limit = args.naive_max_work / (6 if dtype == "bfloat16" else 1)
+        if work > limit:
             return (
                 f"work n*n*d{'*k/8' if case['loss'] == 'projected' else ''} = {work:.2e} "
-                "exceeds the time budget of this CPU "
-                f"(--naive-max-work {args.naive_max_work:.1e}); unchunked peak "
+                f"exceeds the time budget of this CPU ({limit:.1e}: --naive-max-work, "
+                f"divided by 6 for bfloat16); unchunked peak "
                 f"would be {naive_bytes(n, d, dtype) / 2**30:.1f} GiB"
             )
     if impl == "repdistiller":
@@ -305,7 +306,7 @@ def time_impls(
     """Interleaved rounds: each round runs every implementation in turn."""
     samples: dict[str, list[float]] = {k: [] for k in steps}
     names = list(steps)
-    for r in range(args.rounds):
+    for r in range(args.rounds if names else 0):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             calls = max(1, min(args.max_calls, int(args.round_s / max(first_s[name], 1e-6))))
@@ -769,6 +770,11 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _cell(text: str) -> str:
+    """One line of text for a Markdown table cell or list item."""
+    return " ".join(text.split()).replace("|", "/")
+
+
 def fmt_time(s: float | None) -> str:
     if s is None:
         return "–"
@@ -782,6 +788,8 @@ def fmt_time(s: float | None) -> str:
 def fmt_bytes(b: float | None) -> str:
     if b is None:
         return "–"
+    if b < 64 * 2**10:  # below the RSS resolution of small heap allocations
+        return "<64 KiB"
     if b < 2**20:
         return f"{b / 2**10:.0f} KiB"
     if b < 2**30:
@@ -869,7 +877,7 @@ def markdown(report: dict[str, Any]) -> str:
                     ),
                     {},
                 )
-                cells += ["skipped", skipped.get("reason", "")[:60]]
+                cells += ["skipped", _cell(skipped.get("reason", ""))[:60]]
             else:
                 cells += [fmt_time(ckd["median_s"]), fmt_bytes(ckd["peak_bytes"])]
             for ref in refs:
@@ -923,7 +931,7 @@ def markdown(report: dict[str, Any]) -> str:
         for r in skipped:
             lines.append(
                 f"- {r['loss']} {r['impl']} n={r['n']} d={r['d']} {r['dtype']} "
-                f"({r['backend']}): {r['reason'][:300]}"
+                f"({r['backend']}): {_cell(r['reason'])[:300]}"
             )
     return "\n".join(lines) + "\n"
 
@@ -1067,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.readme.read_text())
         source = args.readme.resolve().relative_to(ROOT).as_posix()
         target = args.out / "README_performance.md"
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(readme_section(report, source))
         print(f"wrote {target}")
         return 0
