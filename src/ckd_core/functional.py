@@ -322,9 +322,7 @@ def comparative_loss(
     return _cast(loss, out_dtype)
 
 
-def make_projection(
-    dim: int, out_dim: int, kind: str = "gaussian", seed: int = 0
-) -> np.ndarray:
+def make_projection(dim: int, out_dim: int, kind: str = "gaussian", seed: int = 0) -> np.ndarray:
     """Fixed projection matrix ``P`` of shape ``(dim, out_dim)`` for RKD_d.
 
     ``"gaussian"``: i.i.d. N(0, 1) entries scaled by ``1/sqrt(out_dim)``;
@@ -378,8 +376,7 @@ def projected_rkd_loss(
     p = ops.convert_to_tensor(projection, dtype=keras.backend.standardize_dtype(y_pred.dtype))
     if len(p.shape) != 2 or p.shape[0] != y_pred.shape[1]:
         raise ValueError(
-            f"projection must have shape (dim, k) with dim={y_pred.shape[1]}, "
-            f"got {tuple(p.shape)}."
+            f"projection must have shape (dim, k) with dim={y_pred.shape[1]}, got {tuple(p.shape)}."
         )
     e = (y_pred - y_true) @ p
     return _cast(_all_pairs_mse(e, _weights(sample_weight, e), all_reduce), out_dtype)
