@@ -599,8 +599,17 @@ def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None)
     best = None
     train_time = 0.0
     images = steps = 0
+    diverged: list[float] = []
     for i, lr in enumerate(lrs):
-        out = run.train(lr, i)
+        try:
+            out = run.train(lr, i)
+        except FloatingPointError:
+            # A candidate lr that diverges loses the validation selection;
+            # the error stands when no candidate is left (or none was chosen).
+            if len(lrs) == 1 or (len(diverged) == len(lrs) - 1 and best is None):
+                raise
+            diverged.append(lr)
+            continue
         train_time += out["train_time"]
         images += out["images"]
         steps += out["steps"]
@@ -626,6 +635,7 @@ def run_student(cfg: StudentConfig, *, dataset: Any = None, teacher: Any = None)
         "teacher_view": cfg.teacher_view,
         "lr": best["lr"],
         "lrs_tried": lrs,
+        "lrs_diverged": diverged,
         "best_val_acc": best["best_val_acc"],
         "test_acc": test_acc,
         "best_epoch": best["best_epoch"],

@@ -152,6 +152,22 @@ def test_nan_loss_raises(dataset):
         run_student(cfg(weights={"kd": float("nan")}), dataset=dataset, teacher=CountingTeacher())
 
 
+def test_paper_preset_drops_a_diverging_lr_and_raises_when_all_diverge(dataset, monkeypatch):
+    import reference_experiments.students as students
+
+    monkeypatch.setattr(students, "PAPER_LRS", (1e30, 0.05))
+    row = run_student(
+        cfg(preset="paper", lr=None, max_epochs=2), dataset=dataset, teacher=CountingTeacher()
+    )
+    assert row["lrs_diverged"] == [1e30] and row["lr"] == 0.05
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        run_student(
+            cfg(preset="paper", lr=None, max_epochs=2, weights={"kd": float("nan")}),
+            dataset=dataset,
+            teacher=CountingTeacher(),
+        )
+
+
 def test_paper_preset_chooses_lr_on_validation_and_decays(dataset):
     teacher = CountingTeacher()
     row = run_student(
