@@ -27,11 +27,14 @@ TEST_PATHS = ["tests", "src/ckd_core", "adapters"]
 # What each backend session installs on top of `.[test]`. The numpy session
 # also hosts the cross-backend equivalence test (tests/test_backends.py),
 # which runs all four backends in subprocesses, so it gets every backend.
+# Keras' numpy backend imports jax (keras/src/backend/numpy/math.py), and the
+# adapter tests of the torch and tensorflow sessions start a numpy-backend
+# keras as "another backend", so those sessions get jax too.
 BACKEND_PACKAGES = {
     "numpy": ["jax", "torch", "tensorflow-cpu"],
     "jax": ["jax"],
-    "torch": ["torch"],
-    "tensorflow": ["tensorflow-cpu"],
+    "torch": ["torch", "jax"],
+    "tensorflow": ["tensorflow-cpu", "jax"],
 }
 # The PyTorch reference experiments' tests need the `experiments` extra and
 # run in the torch session only.
