@@ -378,8 +378,16 @@ def _load_cifar100(data_dir: Path | None) -> ImageDataset:
     x_test, y_test = _cifar_arrays(test)
     num_classes = len(meta.get("fine_label_names", ())) or 100
     return ImageDataset(
-        "cifar100", x_train, y_train, x_test, y_test, num_classes,
-        CIFAR100_MEAN, CIFAR100_STD, crop=32, pad=4,
+        "cifar100",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        num_classes,
+        CIFAR100_MEAN,
+        CIFAR100_STD,
+        crop=32,
+        pad=4,
     )
 
 
@@ -418,16 +426,19 @@ def iter_cifar10_jpeg(
 def _load_cifar10_jpeg(data_dir: Path | None) -> ImageDataset:
     folder = _dataset_folder(data_dir, "cifar10-jpeg", CIFAR10_ARCHIVE)
     _require_files(
-        folder, (CIFAR10_ARCHIVE, "classes.txt"), "CIFAR-10 JPEG copy not found",
+        folder,
+        (CIFAR10_ARCHIVE, "classes.txt"),
+        "CIFAR-10 JPEG copy not found",
         "Expected the shared cifar10-jpeg folder (cifar10-jpeg.tar.xz, classes.txt).",
     )
     digests = _verify_sha256sums(folder, (CIFAR10_ARCHIVE, "classes.txt"))
     classes = (folder / "classes.txt").read_text().split()
     archive = folder / CIFAR10_ARCHIVE
     sha = digests.get(CIFAR10_ARCHIVE) or sha256_file(archive)
-    key = "cifar10-jpeg-" + hashlib.sha256(
-        f"{_CACHE_VERSION}:{sha}:{','.join(classes)}".encode()
-    ).hexdigest()[:16]
+    key = (
+        "cifar10-jpeg-"
+        + hashlib.sha256(f"{_CACHE_VERSION}:{sha}:{','.join(classes)}".encode()).hexdigest()[:16]
+    )
 
     def build() -> dict[str, np.ndarray]:
         xs: dict[str, list[np.ndarray]] = {"train": [], "test": []}
@@ -443,8 +454,16 @@ def _load_cifar10_jpeg(data_dir: Path | None) -> ImageDataset:
 
     a = _cached(key, build, ("x_train", "y_train", "x_test", "y_test"))
     return ImageDataset(
-        "cifar10-jpeg", a["x_train"], a["y_train"], a["x_test"], a["y_test"], len(classes),
-        CIFAR10_MEAN, CIFAR10_STD, crop=32, pad=4,
+        "cifar10-jpeg",
+        a["x_train"],
+        a["y_train"],
+        a["x_test"],
+        a["y_test"],
+        len(classes),
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        crop=32,
+        pad=4,
     )
 
 
@@ -506,7 +525,9 @@ def cars_split(
 def _load_cars64(data_dir: Path | None, seed: int) -> ImageDataset:
     folder = _dataset_folder(data_dir, "stanford-cars-train64", CARS_ARCHIVE)
     _require_files(
-        folder, (CARS_ARCHIVE,), "Stanford Cars (train64) not found",
+        folder,
+        (CARS_ARCHIVE,),
+        "Stanford Cars (train64) not found",
         "Expected the shared stanford-cars-train64 folder (cars-train64-jpeg.tar.xz).",
     )
     digests = _verify_sha256sums(folder, (CARS_ARCHIVE, "classes.txt"))
@@ -529,8 +550,17 @@ def _load_cars64(data_dir: Path | None, seed: int) -> ImageDataset:
         else int(y.max()) + 1
     )
     return ImageDataset(
-        "cars64", x[tr], y[tr], x[te], y[te], num_classes,
-        CARS_MEAN, CARS_STD, crop=56, pad=0, split_seed=seed,
+        "cars64",
+        x[tr],
+        y[tr],
+        x[te],
+        y[te],
+        num_classes,
+        CARS_MEAN,
+        CARS_STD,
+        crop=56,
+        pad=0,
+        split_seed=seed,
     )
 
 

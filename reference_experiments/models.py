@@ -267,9 +267,7 @@ class DigitsMLP(nn.Module):
     ``digits_cnn`` must therefore map 2-D student features to the teacher's shapes.
     """
 
-    def __init__(
-        self, num_classes: int = 10, in_channels: int = 1, input_size: int = 8
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 8) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_channels * input_size * input_size, 128)
         self.fc2 = nn.Linear(128, 128)

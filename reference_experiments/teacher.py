@@ -52,8 +52,9 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=device.type == "cuda")
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
 
 
 def teacher_name(arch: str, dataset: ImageDataset, epochs: int, seed: int) -> str:
@@ -246,9 +247,11 @@ def train_teacher(
             correct = rdist.sum_over_ranks(correct)
         if bar is not None:
             seen = steps_per_epoch * bs
-            bar.set_postfix(loss=f"{loss_sum.item() / steps_per_epoch:.3f}",
-                            train_acc=f"{correct.item() / seen:.3f}",
-                            lr=f"{sched.get_last_lr()[0]:.4f}")
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / steps_per_epoch:.3f}",
+                train_acc=f"{correct.item() / seen:.3f}",
+                lr=f"{sched.get_last_lr()[0]:.4f}",
+            )
             bar.update(1)
     if cuda:
         torch.cuda.synchronize(dev)
@@ -301,8 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--data-dir", default=None, help="data root (default: $CKD_DATA_DIR)")
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the train/test split for cars64/digits (default 0)")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the train/test split for cars64/digits (default 0)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
@@ -310,8 +317,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     dataset = load_dataset(args.dataset, args.data_dir, seed=args.split_seed)
     path = train_teacher(
-        args.arch, dataset, epochs=args.epochs, seed=args.seed, out_dir=args.out,
-        device=args.device, batch_size=args.batch_size, lr=args.lr,
+        args.arch,
+        dataset,
+        epochs=args.epochs,
+        seed=args.seed,
+        out_dir=args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        lr=args.lr,
         progress=not args.no_progress,
     )
     from . import distributed as rdist
@@ -319,8 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     if not rdist.is_main():
         return
     meta = json.loads(path.with_suffix(".json").read_text())
-    print(f"{path}  test_accuracy={meta['test_accuracy']:.4f}  "
-          f"({meta['train_seconds']:.1f} s, {meta['train_images_per_s']:.0f} img/s)")
+    print(
+        f"{path}  test_accuracy={meta['test_accuracy']:.4f}  "
+        f"({meta['train_seconds']:.1f} s, {meta['train_images_per_s']:.0f} img/s)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

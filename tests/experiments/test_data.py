@@ -198,8 +198,9 @@ def test_cifar10_jpeg_checksum_mismatch(tmp_path):
         load_dataset("cifar10-jpeg", tmp_path)
 
 
-@pytest.mark.skipif(not (REAL_CIFAR10 / "cifar10-jpeg.tar.xz").is_file(),
-                    reason="shared cifar10-jpeg not present")
+@pytest.mark.skipif(
+    not (REAL_CIFAR10 / "cifar10-jpeg.tar.xz").is_file(), reason="shared cifar10-jpeg not present"
+)
 def test_real_cifar10_jpeg_smoke():
     digests = data._verify_sha256sums(REAL_CIFAR10, ["cifar10-jpeg.tar.xz", "classes.txt"])
     assert len(digests) == 2
@@ -224,8 +225,10 @@ def _check_cars_split(y, idx, tr, te, pairs):
         assert abs(n_te - round(0.2 * n_c)) <= 2, (c, n_c, n_te)
 
 
-@pytest.mark.skipif(not (REAL_CARS / "cars-train64-jpeg.tar.xz").is_file(),
-                    reason="shared stanford-cars-train64 not present")
+@pytest.mark.skipif(
+    not (REAL_CARS / "cars-train64-jpeg.tar.xz").is_file(),
+    reason="shared stanford-cars-train64 not present",
+)
 def test_real_cars_split_keeps_duplicate_pairs_on_one_side():
     _, y, idx = data.read_cars_archive(REAL_CARS / "cars-train64-jpeg.tar.xz", decode=False)
     assert len(y) == 8144 and len(np.unique(y)) == 196
@@ -366,8 +369,9 @@ def test_augment_flips_and_pads():
 def test_digits_never_flipped():
     ds = _toy("digits", crop=8, pad=0, h=8, c=1, n=64)
     x = torch.from_numpy(ds.x_train)
-    torch.testing.assert_close(augment(x, ds, torch.Generator().manual_seed(0)),
-                               preprocess_eval(x, ds))
+    torch.testing.assert_close(
+        augment(x, ds, torch.Generator().manual_seed(0)), preprocess_eval(x, ds)
+    )
 
 
 def test_preprocess_eval_centre_crop_and_normalize():

@@ -72,7 +72,11 @@ def test_forward_and_features(name, size):
 def test_feature_shapes_known_values_and_batch_dim():
     m = create_model("resnet32", 100)
     assert feature_shapes(m, (3, 32, 32)) == [
-        (16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8), (64,)
+        (16, 32, 32),
+        (16, 32, 32),
+        (32, 16, 16),
+        (64, 8, 8),
+        (64,),
     ]
     assert feature_shapes(m, (4, 3, 56, 56))[3] == (4, 64, 14, 14)
     vgg = create_model("vgg8", 100)

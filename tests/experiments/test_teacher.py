@@ -40,8 +40,17 @@ def trained(digits, tmp_path_factory):
 def test_train_teacher_writes_files_and_metadata(trained):
     assert trained.suffix == ".safetensors" and trained.is_file()
     meta = json.loads(trained.with_suffix(".json").read_text())
-    for key in ("arch", "dataset", "num_classes", "split_seed", "epochs", "seed",
-                "test_accuracy", "sha256", "in_channels"):
+    for key in (
+        "arch",
+        "dataset",
+        "num_classes",
+        "split_seed",
+        "epochs",
+        "seed",
+        "test_accuracy",
+        "sha256",
+        "in_channels",
+    ):
         assert key in meta, key
     assert (meta["arch"], meta["dataset"], meta["num_classes"]) == ("digits_cnn", "digits", 10)
     assert (meta["split_seed"], meta["epochs"], meta["seed"], meta["in_channels"]) == (0, 1, 0, 1)
@@ -65,8 +74,12 @@ def test_load_round_trip_without_pickle(trained, digits, monkeypatch):
     # the .json path and the stem work too, and give identical weights
     model2, _ = teacher.load_teacher(trained.with_suffix(".json"))
     model3, _ = teacher.load_teacher(trained.with_suffix(""))
-    for (k, v), v2, v3 in zip(model.state_dict().items(), model2.state_dict().values(),
-                              model3.state_dict().values(), strict=True):
+    for (k, v), v2, v3 in zip(
+        model.state_dict().items(),
+        model2.state_dict().values(),
+        model3.state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(v, v2) and torch.equal(v, v3), k
 
 
@@ -110,13 +123,32 @@ def test_evaluate_restores_mode(digits):
 
 
 def test_cli_main(tmp_path, capsys):
-    teacher.main(["train-teacher", "--arch", "digits_mlp", "--dataset", "digits",
-                  "--epochs", "1", "--seed", "3", "--out", str(tmp_path), "--device", "cpu",
-                  "--batch-size", "256", "--no-progress"])
+    teacher.main(
+        [
+            "train-teacher",
+            "--arch",
+            "digits_mlp",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "256",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert "test_accuracy=" in out
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["digits_mlp_digits_split0_ep1_seed3.json",
-                     "digits_mlp_digits_split0_ep1_seed3.safetensors"]
+    assert files == [
+        "digits_mlp_digits_split0_ep1_seed3.json",
+        "digits_mlp_digits_split0_ep1_seed3.safetensors",
+    ]
     model, meta = teacher.load_teacher(tmp_path / files[1])
     assert meta["batch_size"] == 256 and meta["seed"] == 3
