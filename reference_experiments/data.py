@@ -232,12 +232,13 @@ def _require_files(folder: Path, names: Sequence[str], what: str, hint: str) -> 
 
 
 # ------------------------------------------------------------------------ caching
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically: temporary file, fsync, ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -245,6 +246,12 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:

@@ -26,8 +26,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import augment, preprocess_eval
-from .data import DATASET_NAMES, ImageDataset, load_dataset
+from .data import DATASET_NAMES, ImageDataset, atomic_write_bytes, load_dataset
 from .models import MODEL_NAMES, create_model
 
 __all__ = ["evaluate", "load_teacher", "main", "teacher_name", "train_teacher"]
@@ -91,21 +89,6 @@ def evaluate(
     return float(correct.item()) / max(n, 1)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_teacher(model: nn.Module, out_dir: str | Path, name: str, meta: dict[str, Any]) -> Path:
     """Write ``name.safetensors`` then ``name.json`` (with its sha256), both atomically."""
     from safetensors.torch import save
@@ -117,9 +100,9 @@ def save_teacher(model: nn.Module, out_dir: str | Path, name: str, meta: dict[st
     blob = save(tensors, metadata={"ckd_teacher": json.dumps(header, sort_keys=True)})
     out = Path(out_dir)
     weights = out / f"{name}.safetensors"
-    _atomic_write_bytes(weights, blob)
+    atomic_write_bytes(weights, blob)
     meta = {**meta, "file": weights.name, "sha256": hashlib.sha256(blob).hexdigest()}
-    _atomic_write_bytes(out / f"{name}.json", (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(out / f"{name}.json", (json.dumps(meta, indent=2) + "\n").encode())
     return weights
 
 
