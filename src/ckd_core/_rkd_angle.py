@@ -55,12 +55,15 @@ def _inverse_distances(gram: Tensor) -> Tensor:
     return ops.where(valid, ops.rsqrt(ops.where(valid, sq_dist, 1)), 0)
 
 
-def _angle_chunks(n: int) -> list[tuple[int, int]]:
+def _angle_chunks(n: int | None) -> list[tuple[int, int | None]]:
+    """Anchor ranges ``start:stop``; one range of every anchor when ``n`` is unknown."""
+    if n is None:
+        return [(0, None)]
     step = max(1, min(n, _ANGLE_CHUNK_ENTRIES // max(n * n, 1)))
     return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-def _cosines(gram: Tensor, inv: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+def _cosines(gram: Tensor, inv: Tensor, start: int, stop: int | None) -> tuple[Tensor, Tensor]:
     """``cos[a, j, k]`` of the angle at vertex ``a`` for anchors ``start:stop``.
 
     ``<x_j - x_a, x_k - x_a> = G_jk + h_aj + h_ak`` with
@@ -110,7 +113,11 @@ def _angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, T
         grad_col_diag = grad_col_diag + ops.sum(d_sq_dist, axis=0)
     grad = grad_inner + ops.concatenate(grad_rows, axis=0)
     grad = grad + ops.diag(ops.concatenate(grad_diag, axis=0) + grad_col_diag)
-    scale = 1 / float(n) ** 3
+    if n is None:  # unknown (traced) batch size; 0 rows give 0, not 0 / 0
+        count = ops.cast(ops.maximum(ops.shape(gram_s)[0], 1), gram_s.dtype)
+        scale = 1 / (count * count * count)
+    else:
+        scale = 1 / float(max(n, 1)) ** 3
     return total * scale, grad * scale
 
 

@@ -15,19 +15,31 @@ from ckd_core._checks import (
     AllReduce,
     Tensor,
     _cast,
+    _index_pair,
+    _indices,
     _mean,
+    _nonfinite_marker,
     _num_rows,
     _prepare,
+    _scale,
+    _size,
     _weights,
+    check_int,
 )
 
 __all__ = ["comparative_loss", "make_projection", "projected_rkd_loss"]
 
+_PROJECTIONS = ("gaussian", "orthogonal", "identity")
+
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den > 0``, else 0, with finite gradients."""
+    """``num / den`` where ``den > 0``, else 0, with finite gradients.
+
+    NaN or infinite ``num``/``den`` give NaN, never 0: the fallback branch is
+    ``(num + den) * 0``.
+    """
     positive = den > 0
-    return ops.where(positive, num / ops.where(positive, den, ops.ones_like(den)), 0)
+    return ops.where(positive, num / ops.where(positive, den, ops.ones_like(den)), (num + den) * 0)
 
 
 def _centred_sum_of_squares(e: Tensor) -> Tensor:
@@ -54,13 +66,13 @@ def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = N
     """
     if all_reduce is not None:
         return _global_all_pairs_mse(e, w, all_reduce)
-    d = e.shape[1]
+    d = _size(e, 1)
     if w is None:
         n = _num_rows(e)
         if isinstance(n, int) and n < 2:
             return ops.sum(e * 0)
         # 2n sum||e_i - m||^2 / (n (n - 1) d)
-        if isinstance(n, int):
+        if isinstance(n, int) and isinstance(d, int):
             return _centred_sum_of_squares(e) * (2 / ((n - 1) * d))
         return _centred_sum_of_squares(e) * 2 / (ops.where(n > 1, n - 1, 1) * d)
     w_col = w[:, None]
@@ -93,33 +105,32 @@ def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) ->
     the local rows is that of the global loss once summed over replicas by
     the collective's backward (see the adapters for the resulting scale).
     """
-    d = e.shape[1]
+    d = _size(e, 1)
+    # The counts come first, so that no slice needs a static ``d``.
     if w is None:
         count = ops.sum(ops.ones_like(e[:, :1]), axis=0)  # (1,), in e's dtype
-        stats = all_reduce(ops.concatenate([ops.stop_gradient(ops.sum(e, axis=0)), count]))
-        total_w = stats[d : d + 1]
+        stats = all_reduce(ops.concatenate([count, ops.stop_gradient(ops.sum(e, axis=0))]))
+        total_w = stats[0:1]
         pair_w = total_w * (total_w - 1)
+        sums = stats[1:]
     else:
         w_col = w[:, None]
         weight_sums = ops.stack([ops.sum(w), ops.sum(ops.square(w))])
-        local = ops.concatenate([ops.stop_gradient(ops.sum(e * w_col, axis=0)), weight_sums])
+        local = ops.concatenate([weight_sums, ops.stop_gradient(ops.sum(e * w_col, axis=0))])
         stats = all_reduce(local)
-        total_w = stats[d : d + 1]
-        pair_w = ops.square(total_w) - stats[d + 1 : d + 2]
+        total_w = stats[0:1]
+        pair_w = ops.square(total_w) - stats[1:2]
+        sums = stats[2:]
     # Guards by masks, not ops.where: Keras' numpy backend computes
     # ops.where in float32 even for float64 operands.
     dtype = keras.backend.standardize_dtype(e.dtype)
-    mean = stats[None, :d] / (total_w + ops.cast(total_w <= 0, dtype))
+    mean = sums[None, :] / (total_w + ops.cast(total_w <= 0, dtype))
     sq = ops.square(e - mean)
     local_spread = ops.sum(sq if w is None else sq * w[:, None])
     spread = all_reduce(ops.reshape(local_spread, (1,)))
     has_pairs = ops.cast(pair_w > 0, dtype)
     ratio = (2 * total_w * spread) / ((pair_w + (1 - has_pairs)) * d)
     return ops.reshape(ratio * has_pairs, ())
-
-
-def _take(x: Tensor, index: Tensor) -> Tensor:
-    return ops.take(x, ops.convert_to_tensor(index, dtype="int32"), axis=0)
 
 
 def comparative_loss(
@@ -151,9 +162,13 @@ def comparative_loss(
     Args:
         y_true: teacher outputs or one-hot labels, ``(batch, dim)``.
         y_pred: student outputs, ``(batch, dim)``.
-        sample_weight: optional ``(batch,)`` weights (all pairs or ``pairs``).
-        pairs: ``"all"`` or a pair of index vectors ``(a, b)``.
-        groups: optional pair of index matrices; overrides ``pairs``.
+        sample_weight: optional weights (all pairs or ``pairs``): ``(batch,)``
+            finite and >= 0, pair ``(i, j)`` weighted by ``w_i w_j``; or a
+            scalar, which scales the loss (Keras' rule).
+        pairs: ``"all"`` or a pair of non-empty integer index vectors
+            ``(a, b)`` of equal length, entries in ``[0, batch)``.
+        groups: optional pair of non-empty integer index matrices
+            ``(m, k_a)``, ``(m, k_b)``; overrides ``pairs``.
         all_reduce: data-parallel training: a function summing a tensor over
             the replicas (autograd-aware where gradients are needed). The
             all-pairs loss then covers the global batch, the concatenation
@@ -177,28 +192,61 @@ def comparative_loss(
     """
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     e = y_pred - y_true
-    if all_reduce is not None and (groups is not None or not isinstance(pairs, str)):
-        raise ValueError("all_reduce is only supported with pairs='all'.")
+    n = y_pred.shape[0]
+    explicit = groups is not None or not isinstance(pairs, str)
+    if all_reduce is not None and explicit:
+        raise ValueError(
+            "all_reduce is only supported with pairs='all' (the global batch has no "
+            "explicit pairs or groups)."
+        )
     if groups is not None:
         if sample_weight is not None:
-            raise ValueError("sample_weight is not supported with groups.")
-        group_a, group_b = groups
-        delta = _mean(_take(e, group_a), axis=1) - _mean(_take(e, group_b), axis=1)
-        loss = _mean(ops.square(delta))
+            raise ValueError(
+                "sample_weight is not supported with groups (a group mean has no per-row weight)."
+            )
+        group_a, group_b = _index_pair(groups, "groups")
+        ga, bad_a = _indices(group_a, "groups[0]", 2, e)
+        gb, bad_b = _indices(group_b, "groups[1]", 2, e)
+        if None not in (ga.shape[0], gb.shape[0]) and ga.shape[0] != gb.shape[0]:
+            raise ValueError(
+                "groups[0] and groups[1] must have the same number of groups (rows), got "
+                f"shapes {tuple(ga.shape)} and {tuple(gb.shape)}."
+            )
+        delta = _mean(ops.take(e, ga, axis=0), axis=1) - _mean(ops.take(e, gb, axis=0), axis=1)
+        loss = _mean(ops.square(delta)) + _nonfinite_marker(e)
+        loss = _add_markers(loss, bad_a, bad_b)
     elif isinstance(pairs, str):
         if pairs != "all":
-            raise ValueError(f"pairs must be 'all' or (a, b) index vectors, got {pairs!r}.")
-        loss = _all_pairs_mse(e, _weights(sample_weight, e), all_reduce)
+            raise ValueError(
+                f"pairs must be 'all' or a pair (a, b) of index vectors, got {pairs!r}."
+            )
+        w, scale = _weights(sample_weight, e, n)
+        loss = _scale(_all_pairs_mse(e, w, all_reduce), scale)
     else:
-        index_a, index_b = pairs  # type: ignore[str-unpack]  # not a str here
-        sq = ops.square(_take(e, index_a) - _take(e, index_b))
-        w = _weights(sample_weight, e)
+        index_a, index_b = _index_pair(pairs, "pairs")
+        a, bad_a = _indices(index_a, "pairs[0]", 1, e)
+        b, bad_b = _indices(index_b, "pairs[1]", 1, e)
+        if None not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]:
+            raise ValueError(
+                "pairs[0] and pairs[1] must have the same length, got shapes "
+                f"{tuple(a.shape)} and {tuple(b.shape)}."
+            )
+        sq = ops.square(ops.take(e, a, axis=0) - ops.take(e, b, axis=0))
+        w, scale = _weights(sample_weight, e, n)
         if w is None:
             loss = _mean(sq)
         else:
-            pair_w = _take(w, index_a) * _take(w, index_b)
-            loss = _safe_ratio(ops.sum(sq * pair_w[:, None]), ops.sum(pair_w) * sq.shape[1])
+            pair_w = ops.take(w, a, axis=0) * ops.take(w, b, axis=0)
+            loss = _safe_ratio(ops.sum(sq * pair_w[:, None]), ops.sum(pair_w) * _size(sq, 1))
+        loss = _add_markers(_scale(loss, scale) + _nonfinite_marker(e), bad_a, bad_b)
     return _cast(loss, out_dtype)
+
+
+def _add_markers(loss: Tensor, *markers: Tensor | None) -> Tensor:
+    for marker in markers:
+        if marker is not None:
+            loss = loss + marker
+    return loss
 
 
 def make_projection(dim: int, out_dim: int, kind: str = "gaussian", seed: int = 0) -> np.ndarray:
@@ -207,8 +255,16 @@ def make_projection(dim: int, out_dim: int, kind: str = "gaussian", seed: int = 
     ``"gaussian"``: i.i.d. N(0, 1) entries scaled by ``1/sqrt(out_dim)``;
     ``"orthogonal"``: orthonormal columns (needs ``out_dim <= dim``);
     ``"identity"``: the identity (needs ``out_dim == dim``). Drawn with
-    NumPy from ``seed``, so every backend sees the same matrix.
+    NumPy from ``seed``, so every backend sees the same matrix. ``dim`` and
+    ``out_dim`` are integers >= 1, ``seed`` an integer >= 0.
     """
+    dim = check_int(dim, "dim", minimum=1)
+    out_dim = check_int(out_dim, "out_dim", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    if kind not in _PROJECTIONS:
+        raise ValueError(
+            f"projection must be 'gaussian', 'orthogonal' or 'identity', got {kind!r}."
+        )
     if kind == "identity":
         if out_dim != dim:
             raise ValueError(f"identity projection needs out_dim == dim, got {out_dim} != {dim}.")
@@ -252,10 +308,18 @@ def projected_rkd_loss(
         0.0
     """
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
+    if projection is None or isinstance(projection, str):
+        raise TypeError(
+            f"projection must be a (dim, k) matrix (see make_projection), got {projection!r}."
+        )
     p = ops.convert_to_tensor(projection, dtype=keras.backend.standardize_dtype(y_pred.dtype))
-    if len(p.shape) != 2 or p.shape[0] != y_pred.shape[1]:
+    dim = y_pred.shape[1]
+    p_shape = tuple(p.shape)
+    if len(p_shape) != 2 or (dim is not None and p_shape[0] != dim) or p_shape[1] == 0:
         raise ValueError(
-            f"projection must have shape (dim, k) with dim={y_pred.shape[1]}, got {tuple(p.shape)}."
+            f"projection must have shape (dim, k) with k >= 1 and dim={dim} (from y_pred of "
+            f"shape {tuple(y_pred.shape)}), got shape {p_shape}."
         )
     e = (y_pred - y_true) @ p
-    return _cast(_all_pairs_mse(e, _weights(sample_weight, e), all_reduce), out_dtype)
+    w, scale = _weights(sample_weight, e, y_pred.shape[0])
+    return _cast(_scale(_all_pairs_mse(e, w, all_reduce), scale), out_dtype)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from keras import ops
 
-from ckd_core._checks import Tensor, _cast, _mean, _prepare, _weights
+from ckd_core._checks import (
+    Tensor,
+    _cast,
+    _mean,
+    _nonfinite_marker,
+    _prepare,
+    _scale,
+    _weights,
+    check_number,
+)
 from ckd_core.comparative import _safe_ratio
 
 __all__ = ["dist_loss", "kd_loss"]
@@ -30,7 +39,8 @@ def kd_loss(
             \mathrm{softmax}(y_i / T) \,\Vert\, \mathrm{softmax}(\hat y_i / T)\big)
 
     computed from log-softmax (no clipping), averaged over the batch
-    (``sample_weight`` gives a weighted mean).
+    (a ``(batch,)`` ``sample_weight`` gives a weighted mean, a scalar one
+    scales the loss). ``temperature`` must be finite and > 0.
 
     Example:
         >>> import numpy as np
@@ -42,11 +52,13 @@ def kd_loss(
         Hinton, Vinyals, Dean. "Distilling the Knowledge in a Neural
         Network." 2015.
     """
-    y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
+    temperature = check_number(temperature, "temperature", positive=True)
+    y_true, y_pred, out_dtype = _prepare(y_true, y_pred, min_batch=1)
     log_p_student = ops.log_softmax(y_pred / temperature, axis=-1)
     log_p_teacher = ops.log_softmax(y_true / temperature, axis=-1)
     per_sample = ops.sum(ops.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
-    loss = _weighted_mean(per_sample, _weights(sample_weight, per_sample)) * temperature**2
+    w, scale = _weights(sample_weight, y_pred, y_pred.shape[0])
+    loss = _scale(_weighted_mean(per_sample, w), scale) * temperature**2
     return _cast(loss, out_dtype)
 
 
@@ -92,9 +104,14 @@ def dist_loss(
         Huang, You, Wang, Qian, Xu. "Knowledge Distillation from A Stronger
         Teacher." NeurIPS 2022.
     """
-    y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
+    beta = check_number(beta, "beta")
+    gamma = check_number(gamma, "gamma")
+    tau = check_number(tau, "tau", positive=True)
+    y_true, y_pred, out_dtype = _prepare(y_true, y_pred, min_batch=1)
     p_student = ops.softmax(y_pred / tau, axis=-1)
     p_teacher = ops.softmax(y_true / tau, axis=-1)
     inter = 1 - _mean_pearson(p_student, p_teacher, axis=1)
     intra = 1 - _mean_pearson(p_student, p_teacher, axis=0)
-    return _cast((inter * beta + intra * gamma) * tau**2, out_dtype)
+    # softmax maps -inf logits to a finite 0: keep non-finite input visible.
+    loss = (inter * beta + intra * gamma) * tau**2 + _nonfinite_marker(y_true, y_pred)
+    return _cast(loss, out_dtype)

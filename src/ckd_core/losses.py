@@ -15,13 +15,27 @@ import numpy as np
 from keras import ops
 
 from ckd_core import functional
+from ckd_core._checks import AllGather, _as_tensor, check_int, check_number
+from ckd_core.comparative import _PROJECTIONS
+from ckd_core.relational import rkd_loss
 
-try:  # Keras' per-replica loss scaling under tf.distribute (identity elsewhere)
-    from keras.src.losses.loss import scale_loss_for_distribution as _scale_for_replicas
-except ImportError:  # pragma: no cover - older/newer Keras without it
+_TENSORFLOW = keras.backend.backend() == "tensorflow"
 
-    def _scale_for_replicas(value: Any) -> Any:
+
+def _scale_for_replicas(value: Any) -> Any:
+    """Divides by ``num_replicas_in_sync`` under a ``tf.distribute`` strategy.
+
+    What Keras' own losses do (``keras.src.losses.loss.scale_loss_for_distribution``,
+    private), with public TensorFlow API; identity on the other backends.
+    """
+    if not _TENSORFLOW:
         return value
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        value = value * ops.cast(1.0 / replicas, value.dtype)
+    return value
 
 
 __all__ = ["ComparativeLoss", "DISTLoss", "KDLoss", "ProjectedRKDLoss", "RKDLoss"]
@@ -44,13 +58,14 @@ class _BatchLoss(keras.losses.Loss):
         self._cast_inputs = dtype is not None
 
     def __call__(
-        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None, **options: Any
     ) -> Tensor:
+        """The batch loss; ``options`` (e.g. ``pairs=``) go to :meth:`call`."""
         with keras.name_scope(self.name):
             if self._cast_inputs:
                 y_true = ops.convert_to_tensor(y_true, dtype=self.dtype)
                 y_pred = ops.convert_to_tensor(y_pred, dtype=self.dtype)
-            return _scale_for_replicas(self.call(y_true, y_pred, sample_weight))
+            return _scale_for_replicas(self.call(y_true, y_pred, sample_weight, **options))
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -88,7 +103,7 @@ class ComparativeLoss(_BatchLoss):
         super().__init__(name=name, dtype=dtype)
         self.all_reduce = all_reduce
 
-    def __call__(
+    def __call__(  # type: ignore[override]
         self,
         y_true: Tensor,
         y_pred: Tensor,
@@ -97,22 +112,19 @@ class ComparativeLoss(_BatchLoss):
         pairs: Any = "all",
         groups: Any = None,
     ) -> Tensor:
-        if isinstance(pairs, str) and groups is None:
-            return super().__call__(y_true, y_pred, sample_weight)
-        return _scale_for_replicas(
-            functional.comparative_loss(
-                y_true,
-                y_pred,
-                sample_weight,
-                pairs=pairs,
-                groups=groups,
-                all_reduce=self.all_reduce,
-            )
-        )
+        return super().__call__(y_true, y_pred, sample_weight, pairs=pairs, groups=groups)
 
-    def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+    def call(  # type: ignore[override]
+        self,
+        y_true: Tensor,
+        y_pred: Tensor,
+        sample_weight: Tensor | None = None,
+        *,
+        pairs: Any = "all",
+        groups: Any = None,
+    ) -> Tensor:
         return functional.comparative_loss(
-            y_true, y_pred, sample_weight, all_reduce=self.all_reduce
+            y_true, y_pred, sample_weight, pairs=pairs, groups=groups, all_reduce=self.all_reduce
         )
 
 
@@ -121,7 +133,14 @@ class RKDLoss(_BatchLoss):
     """Relational KD (Park et al. 2019): ``distance_weight * distance + angle_weight * angle``.
 
     See :func:`ckd_core.functional.rkd_distance_loss` and
-    :func:`ckd_core.functional.rkd_angle_loss`.
+    :func:`ckd_core.functional.rkd_angle_loss`. Both weights are finite and
+    >= 0; a zero weight skips its term.
+
+    ``all_gather`` (a function concatenating every data-parallel replica's
+    rows along axis 0, e.g. ``ckd_tensorflow.replica_gather`` or
+    ``jax.lax.all_gather(x, axis, tiled=True)``) evaluates RKD on the global
+    batch of all replicas, gathered once per call; it is not serialized by
+    ``get_config`` (pass it again after loading).
     """
 
     def __init__(
@@ -130,17 +149,23 @@ class RKDLoss(_BatchLoss):
         angle_weight: float = 50.0,
         name: str = "rkd_loss",
         dtype: Any = None,
+        *,
+        all_gather: AllGather | None = None,
     ) -> None:
         super().__init__(name=name, dtype=dtype)
-        self.distance_weight = distance_weight
-        self.angle_weight = angle_weight
+        self.distance_weight = check_number(distance_weight, "distance_weight")
+        self.angle_weight = check_number(angle_weight, "angle_weight")
+        self.all_gather = all_gather
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         _reject_sample_weight(self, sample_weight)
-        loss = functional.rkd_distance_loss(y_true, y_pred) * self.distance_weight
-        if self.angle_weight:
-            loss = loss + functional.rkd_angle_loss(y_true, y_pred) * self.angle_weight
-        return loss
+        return rkd_loss(
+            y_true,
+            y_pred,
+            distance_weight=self.distance_weight,
+            angle_weight=self.angle_weight,
+            all_gather=self.all_gather,
+        )
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -173,9 +198,18 @@ class ProjectedRKDLoss(_BatchLoss):
     ) -> None:
         super().__init__(name=name, dtype=dtype)
         self.all_reduce = all_reduce
-        self.out_dim = out_dim
+        self.out_dim = None if out_dim is None else check_int(out_dim, "out_dim", minimum=1)
+        if projection not in _PROJECTIONS:
+            raise ValueError(
+                f"projection must be 'gaussian', 'orthogonal' or 'identity', got {projection!r}."
+            )
+        if out_dim is None and projection != "identity":
+            raise ValueError(
+                f"out_dim=None (keep every dimension) needs projection='identity', got "
+                f"{projection!r}."
+            )
         self.projection = projection
-        self.seed = seed
+        self.seed = check_int(seed, "seed", minimum=0)
         self._matrices: dict[int, np.ndarray] = {}
 
     def matrix(self, dim: int) -> np.ndarray:
@@ -188,9 +222,17 @@ class ProjectedRKDLoss(_BatchLoss):
         return self._matrices[dim]
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        dim = y_pred.shape[-1]
-        if dim is None:
-            raise ValueError("ProjectedRKDLoss needs a static feature dimension.")
+        if not ops.is_tensor(y_pred):
+            y_pred = _as_tensor(y_pred, "y_pred")
+        shape = tuple(y_pred.shape)
+        if len(shape) != 2 or shape[1] is None or shape[1] == 0:
+            # Raises the shared rank/shape/dtype errors first.
+            functional.projected_rkd_loss(y_true, y_pred, np.ones((1, 1)))
+            raise ValueError(
+                "ProjectedRKDLoss needs a static feature dimension to draw its (dim, out_dim) "
+                f"projection, got y_pred of shape {shape}."
+            )
+        dim = int(shape[1])
         return functional.projected_rkd_loss(
             y_true, y_pred, self.matrix(dim), sample_weight, all_reduce=self.all_reduce
         )
@@ -210,7 +252,8 @@ class KDLoss(_BatchLoss):
 
     def __init__(self, temperature: float = 4.0, name: str = "kd_loss", dtype: Any = None) -> None:
         super().__init__(name=name, dtype=dtype)
-        self.temperature = temperature
+        # Plain Python numbers: configs then serialize on every backend.
+        self.temperature = check_number(temperature, "temperature", positive=True)
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         return functional.kd_loss(y_true, y_pred, sample_weight, temperature=self.temperature)
@@ -232,9 +275,9 @@ class DISTLoss(_BatchLoss):
         dtype: Any = None,
     ) -> None:
         super().__init__(name=name, dtype=dtype)
-        self.beta = beta
-        self.gamma = gamma
-        self.tau = tau
+        self.beta = check_number(beta, "beta")
+        self.gamma = check_number(gamma, "gamma")
+        self.tau = check_number(tau, "tau", positive=True)
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         _reject_sample_weight(self, sample_weight)
@@ -246,4 +289,7 @@ class DISTLoss(_BatchLoss):
 
 def _reject_sample_weight(loss: keras.losses.Loss, sample_weight: Tensor | None) -> None:
     if sample_weight is not None:
-        raise ValueError(f"{type(loss).__name__} does not support sample_weight.")
+        raise ValueError(
+            f"{type(loss).__name__} does not support sample_weight (its terms compare every "
+            "pair or row with the others); got a sample_weight."
+        )

@@ -9,10 +9,20 @@ import keras
 import numpy as np
 from keras import ops
 
-from ckd_core._checks import Tensor, _cast, _mean, _prepare
+from ckd_core._checks import (
+    AllGather,
+    Tensor,
+    _cast,
+    _mean,
+    _nonfinite_marker,
+    _num_rows,
+    _prepare,
+    check_number,
+)
 from ckd_core._rkd_angle import _PDIST_EPS, _angle_loss_of_gram
+from ckd_core.comparative import _safe_ratio
 
-__all__ = ["rkd_angle_loss", "rkd_distance_loss"]
+__all__ = ["rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
 
 def _centred_gram(x: Tensor) -> Tensor:
@@ -36,14 +46,22 @@ def _sq_dist(gram: Tensor) -> Tensor:
 
 
 def _normalized_distances(x: Tensor) -> Tensor:
-    """Pairwise distances divided by their off-diagonal mean (RepDistiller)."""
-    n = x.shape[0]
+    """Pairwise distances divided by their off-diagonal mean (RepDistiller).
+
+    Works with an unknown (traced) batch size, where a batch of 0 or 1 rows
+    gives all-zero distances.
+    """
+    n = _num_rows(x)
     sq_dist = _sq_dist(_centred_gram(x))
     dist = ops.sqrt(ops.where(sq_dist > _PDIST_EPS, sq_dist, _PDIST_EPS))
-    dist = dist * (1 - ops.eye(n, dtype=keras.backend.standardize_dtype(dist.dtype)))
+    size = n if isinstance(n, int) else ops.shape(x)[0]
+    dist = dist * (1 - ops.eye(size, dtype=keras.backend.standardize_dtype(dist.dtype)))
     # Off-diagonal distances are >= sqrt(eps) > 0, so "mean of the nonzero
-    # distances" is the sum over the n (n - 1) off-diagonal entries.
-    return dist * (n * (n - 1) / ops.sum(dist))
+    # distances" is the sum over the n (n - 1) off-diagonal entries (none
+    # when n < 2: the ratio is then 0).
+    if isinstance(n, int):
+        return dist * (n * (n - 1) / ops.sum(dist))
+    return dist * _safe_ratio(n * (n - 1), ops.sum(dist))
 
 
 def _smooth_l1(diff: Tensor) -> Tensor:
@@ -51,7 +69,9 @@ def _smooth_l1(diff: Tensor) -> Tensor:
     return ops.where(absolute < 1, 0.5 * ops.square(diff), absolute - 0.5)
 
 
-def rkd_distance_loss(y_true: Tensor, y_pred: Tensor) -> Tensor:
+def rkd_distance_loss(
+    y_true: Tensor, y_pred: Tensor, *, all_gather: AllGather | None = None
+) -> Tensor:
     r"""RKD distance term: smooth-L1 between normalized pairwise distances.
 
     .. math::
@@ -62,21 +82,80 @@ def rkd_distance_loss(y_true: Tensor, y_pred: Tensor) -> Tensor:
     with :math:`\mu` the mean off-diagonal distance. Distances come from the
     Gram matrix of the centred batch (no ``(n, n, dim)`` tensor); squared
     distances are clamped at 1e-12 as in RepDistiller. The teacher side
-    (``y_true``) carries no gradient.
+    (``y_true``) carries no gradient. Works with an unknown (traced) batch
+    size.
+
+    ``all_gather`` (data-parallel training): a function concatenating every
+    replica's rows along axis 0; the loss then covers the global batch on
+    every replica (O(batch·dim) communicated per call, O(N^2) memory for
+    the global batch N). Gradients reach the local rows through the
+    gather's backward (see the adapters for the resulting scale).
 
     Reference:
         Park, Kim, Lu, Cho. "Relational Knowledge Distillation." CVPR 2019.
     """
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
+    y_true, y_pred = _gather(y_true, y_pred, all_gather)
+    return _cast(_distance_term(y_true, y_pred), out_dtype)
+
+
+def _gather(y_true: Tensor, y_pred: Tensor, all_gather: AllGather | None) -> tuple[Tensor, Tensor]:
+    """The global batch of every replica (the teacher side without gradient)."""
+    y_true = ops.stop_gradient(y_true)
+    if all_gather is None:
+        return y_true, y_pred
+    return all_gather(y_true), all_gather(y_pred)
+
+
+def _distance_term(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    # The clamps and the overflow guard would send NaN/inf input to a finite
+    # branch: the marker keeps it visible in the loss.
+    marker = _nonfinite_marker(y_true, y_pred)
     n = y_pred.shape[0]
     if n is not None and n < 2:
-        return _cast(ops.sum(y_pred * 0), out_dtype)
-    teacher = _normalized_distances(ops.stop_gradient(y_true))
+        return ops.sum(y_pred * 0) + marker
+    teacher = _normalized_distances(y_true)
     student = _normalized_distances(y_pred)
-    return _cast(_mean(_smooth_l1(student - teacher)), out_dtype)
+    return _mean(_smooth_l1(student - teacher)) + marker
 
 
-def rkd_angle_loss(y_true: Tensor, y_pred: Tensor) -> Tensor:
+def _angle_term(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    marker = _nonfinite_marker(y_true, y_pred)
+    n = y_pred.shape[0]
+    if n is not None and n < 2:
+        return ops.sum(y_pred * 0) + marker
+    gram_s = _centred_gram(y_pred)
+    gram_t = _centred_gram(y_true)
+    return _angle_loss_of_gram(gram_s, gram_t) + marker
+
+
+def rkd_loss(
+    y_true: Tensor,
+    y_pred: Tensor,
+    *,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    all_gather: AllGather | None = None,
+) -> Tensor:
+    """``distance_weight * distance + angle_weight * angle`` (one gather, one check).
+
+    A zero weight skips its term (but non-finite input still gives NaN).
+    """
+    distance_weight = check_number(distance_weight, "distance_weight")
+    angle_weight = check_number(angle_weight, "angle_weight")
+    y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
+    y_true, y_pred = _gather(y_true, y_pred, all_gather)
+    if distance_weight or not angle_weight:
+        loss = _distance_term(y_true, y_pred) * distance_weight
+    if angle_weight:
+        angle = _angle_term(y_true, y_pred) * angle_weight
+        loss = angle if not distance_weight else loss + angle
+    return _cast(loss, out_dtype)
+
+
+def rkd_angle_loss(
+    y_true: Tensor, y_pred: Tensor, *, all_gather: AllGather | None = None
+) -> Tensor:
     r"""RKD angle term: smooth-L1 between cosines of all triplet angles.
 
     .. math::
@@ -91,17 +170,14 @@ def rkd_angle_loss(y_true: Tensor, y_pred: Tensor) -> Tensor:
     centred batch, in anchor chunks of bounded memory; the gradient is
     analytic, so backpropagation needs no ``(n, n, n)`` tensor. The teacher
     side carries no gradient. Float32 cosines lose accuracy for rows closer
-    than about ``sqrt(eps)`` times the batch spread.
+    than about ``sqrt(eps)`` times the batch spread. With an unknown (traced)
+    batch size, e.g. ``tf.function`` with a ``None`` batch dimension, all
+    anchors form one chunk: O(n^3) memory. ``all_gather``: as in
+    :func:`rkd_distance_loss` (O(N^3) time for the global batch N).
 
     Reference:
         Park, Kim, Lu, Cho. "Relational Knowledge Distillation." CVPR 2019.
     """
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
-    n = y_pred.shape[0]
-    if n is None:
-        raise ValueError("rkd_angle_loss needs a static batch size.")
-    if n < 2:
-        return _cast(ops.sum(y_pred * 0), out_dtype)
-    gram_s = _centred_gram(y_pred)
-    gram_t = _centred_gram(ops.stop_gradient(y_true))
-    return _cast(_angle_loss_of_gram(gram_s, gram_t), out_dtype)
+    y_true, y_pred = _gather(y_true, y_pred, all_gather)
+    return _cast(_angle_term(y_true, y_pred), out_dtype)
