@@ -17,11 +17,12 @@ def use_keras_backend(backend: str, adapter: str) -> None:
         backend: the Keras backend the adapter needs, e.g. ``"torch"``.
         adapter: the adapter's package name, used in the error message.
     """
-    keras_backend = sys.modules.get("keras.src.backend")
-    if keras_backend is None:
+    keras = sys.modules.get("keras")
+    config = getattr(keras, "config", None)
+    if config is None:  # keras not imported (yet): its backend is still to be chosen
         os.environ["KERAS_BACKEND"] = backend
         return
-    active = keras_backend.backend()
+    active = config.backend()
     if active != backend:
         raise ImportError(
             f"{adapter} needs the Keras '{backend}' backend, but keras was already "

@@ -29,7 +29,7 @@ from ckd_core import (  # noqa: E402
     RKDLoss,
     functional,
 )
-from ckd_tensorflow.distributed import replica_sum  # noqa: E402
+from ckd_tensorflow.distributed import replica_gather, replica_sum  # noqa: E402
 
 __all__ = [
     "ComparativeLoss",
@@ -38,5 +38,6 @@ __all__ = [
     "ProjectedRKDLoss",
     "RKDLoss",
     "functional",
+    "replica_gather",
     "replica_sum",
 ]

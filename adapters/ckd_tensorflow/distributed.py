@@ -39,13 +39,20 @@ Example (custom loop)::
 
 With ``model.fit`` it suffices to compile under ``strategy.scope()`` with
 ``loss=ComparativeLoss(all_reduce=replica_sum)``.
+
+RKD compares every pair and triplet of rows, so the global-batch RKD needs
+the rows themselves: ``RKDLoss(all_gather=replica_gather)`` concatenates
+every replica's student and teacher rows (O(batch·dim) per call) and
+evaluates RKD on the global batch in every replica, with the same gradient
+scale as above (the gradient of an all-gather sums the replicas' upstream
+gradients of the local rows).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["replica_sum"]
+__all__ = ["replica_gather", "replica_sum"]
 
 
 def replica_sum(x: tf.Tensor) -> tf.Tensor:
@@ -61,3 +68,16 @@ def replica_sum(x: tf.Tensor) -> tf.Tensor:
     if context is None or context.num_replicas_in_sync == 1:
         return x
     return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def replica_gather(x: tf.Tensor) -> tf.Tensor:
+    """Concatenation of every replica's ``x`` along axis 0, in replica order (differentiable).
+
+    The ``all_gather`` for :class:`ckd_core.RKDLoss` under ``tf.distribute``;
+    shards may differ in size. Identity with one replica and in the
+    cross-replica context.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_gather(x, axis=0)

@@ -4,9 +4,10 @@ Under data-parallel training each rank holds a shard of the global batch.
 The all-pairs losses (CKD, RKD_d) then need sums over the global batch: the
 core computes them with an ``all_reduce`` callable (O(dim) numbers per call);
 :func:`all_reduce_sum` is that callable for torch. RKD needs every pairwise
-distance and angle, so :func:`gather_rows` all-gathers the embeddings
-(O(batch·dim) per call, and the loss then costs memory and time of the
-global batch on every rank).
+distance and angle, so the core's ``all_gather`` hook gets
+:func:`gather_rows`, which all-gathers the embeddings (O(batch·dim) per
+call, and the loss then costs memory and time of the global batch on every
+rank). ``ckd_torch``'s ``global_batch=True`` passes these two.
 
 Gradient convention (both functions): the backward of rank ``r`` returns
 ``world_size`` times the partial derivative of the (global, replicated) loss

@@ -1,4 +1,10 @@
-"""``torch.nn.Module`` wrappers that call the ckd-core Keras losses."""
+"""``torch.nn.Module`` wrappers that call the ckd-core Keras losses.
+
+Each module forwards its options to the core class of the same name (the
+core checks them and holds the defaults); ``global_batch=True`` or a
+``process_group`` adds the data-parallel hook the loss needs: the core's
+``all_reduce=`` (CKD, RKD_d) or ``all_gather=`` (RKD).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,8 @@ import keras
 import torch
 
 import ckd_core
+from ckd_core._private_api import keras_torch_device
 from ckd_torch.distributed import all_reduce_sum, gather_rows
-
-try:  # Keras' current torch device (what ``keras.device`` sets)
-    from keras.src.backend.torch.core import get_device as _keras_device
-except ImportError:  # pragma: no cover - other Keras layouts: always enter the scope
-
-    def _keras_device() -> str:
-        return ""
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -26,6 +26,15 @@ def _autocast_enabled(device_type: str) -> bool:
         return True
 
 
+def _check_tensor(x: Any, role: str, loss: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"ckd_torch.{loss} expects torch.Tensor inputs, got {role} of type "
+            f"{type(x).__module__}.{type(x).__name__}; convert it with torch.as_tensor(...) "
+            "(or use ckd_core for NumPy arrays)."
+        )
+
+
 class _CoreLoss(torch.nn.Module):
     """Runs a :mod:`ckd_core` loss on torch tensors.
 
@@ -33,9 +42,31 @@ class _CoreLoss(torch.nn.Module):
     otherwise move tensors to its global device) and outside autocast, so
     low-precision inputs are accumulated in float32 and no matmul is
     downcast; the result has the student's dtype and device.
+
+    Subclasses name their core class (``core_class``) and which
+    data-parallel hook ``global_batch`` supplies (``hook``).
     """
 
+    core_class: type[keras.losses.Loss]
+    hook: str | None = None
     core: keras.losses.Loss
+
+    def __init__(
+        self,
+        *args: Any,
+        process_group: Any = None,
+        global_batch: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.process_group = process_group
+        self.global_batch = bool(global_batch) or process_group is not None
+        if self.global_batch:
+            if self.hook is None:
+                raise ValueError(f"{type(self).__name__} has no global_batch option.")
+            collective = all_reduce_sum if self.hook == "all_reduce" else gather_rows
+            options[self.hook] = functools.partial(collective, group=process_group)
+        self.core = self.core_class(*args, **options)
 
     def _run(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         device = student.device
@@ -45,7 +76,7 @@ class _CoreLoss(torch.nn.Module):
             with torch.autocast(device.type, enabled=False):
                 return self._run(student, teacher, **kwargs)
         name = str(device)
-        if _keras_device() != name:
+        if keras_torch_device() != name:
             with keras.device(name):
                 return self.core(teacher, student, **kwargs)
         return self.core(teacher, student, **kwargs)
@@ -57,22 +88,15 @@ class _CoreLoss(torch.nn.Module):
         sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss between ``student`` (input) and ``teacher`` (target), both ``(batch, dim)``."""
+        _check_tensor(student, "student (input)", type(self).__name__)
+        _check_tensor(teacher, "teacher (target)", type(self).__name__)
         return self._run(student, teacher, sample_weight=sample_weight)
 
     def extra_repr(self) -> str:
         items = [f"{k}={v!r}" for k, v in self.core.get_config().items() if k != "name"]
-        if getattr(self, "global_batch", False):
+        if self.global_batch:
             items.append("global_batch=True")
         return ", ".join(items)
-
-
-def _global_batch_all_reduce(
-    global_batch: bool, process_group: Any
-) -> functools.partial[torch.Tensor] | None:
-    """The core's ``all_reduce`` for the ``global_batch``/``process_group`` options."""
-    if not (global_batch or process_group is not None):
-        return None
-    return functools.partial(all_reduce_sum, group=process_group)
 
 
 class ComparativeLoss(_CoreLoss):
@@ -95,12 +119,8 @@ class ComparativeLoss(_CoreLoss):
     initialized process group the option is a no-op.
     """
 
-    def __init__(self, process_group: Any = None, global_batch: bool = False) -> None:
-        super().__init__()
-        self.process_group = process_group
-        self.global_batch = global_batch or process_group is not None
-        all_reduce = _global_batch_all_reduce(global_batch, process_group)
-        self.core = ckd_core.ComparativeLoss(all_reduce=all_reduce)
+    core_class = ckd_core.ComparativeLoss
+    hook = "all_reduce"
 
     def forward(  # type: ignore[override]
         self,
@@ -110,6 +130,8 @@ class ComparativeLoss(_CoreLoss):
         pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
         groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        _check_tensor(student, "student (input)", "ComparativeLoss")
+        _check_tensor(teacher, "teacher (target)", "ComparativeLoss")
         return self._run(
             student,
             teacher,
@@ -122,77 +144,41 @@ class ComparativeLoss(_CoreLoss):
 class RKDLoss(_CoreLoss):
     """Relational KD (:class:`ckd_core.RKDLoss`); the teacher gets no gradient.
 
+    ``RKDLoss(distance_weight=25.0, angle_weight=50.0)``.
     ``global_batch=True`` (or a ``process_group``) all-gathers the student
     and teacher embeddings of every rank (``2 · world_size · n · dim``
-    numbers received per rank per call) and evaluates RKD on the global
-    batch ``N = world_size · n`` on every rank: memory O(N^2) for the
+    numbers received per rank per call; the core's ``all_gather`` hook with
+    :func:`ckd_torch.distributed.gather_rows`) and evaluates RKD on the
+    global batch ``N = world_size · n`` on every rank: memory O(N^2) for the
     distance term and the bounded angle chunks, time O(N^3) for the angle
     term, on every rank. Gradients reach only the local rows, scaled by
     ``world_size``, so that DDP's averaging yields the single-process
     gradient on the global batch.
     """
 
-    def __init__(
-        self,
-        distance_weight: float = 25.0,
-        angle_weight: float = 50.0,
-        process_group: Any = None,
-        global_batch: bool = False,
-    ) -> None:
-        super().__init__()
-        self.core = ckd_core.RKDLoss(distance_weight=distance_weight, angle_weight=angle_weight)
-        self.process_group = process_group
-        self.global_batch = global_batch or process_group is not None
-
-    def forward(
-        self,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        sample_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.global_batch:
-            student = gather_rows(student, self.process_group)
-            teacher = gather_rows(teacher.detach(), self.process_group)
-        return self._run(student, teacher, sample_weight=sample_weight)
+    core_class = ckd_core.RKDLoss
+    hook = "all_gather"
 
 
 class ProjectedRKDLoss(_CoreLoss):
     """RKD_d (:class:`ckd_core.ProjectedRKDLoss`) with a fixed seeded projection.
 
+    ``ProjectedRKDLoss(out_dim=10, projection="gaussian", seed=0)``.
     ``global_batch=True`` / ``process_group`` work as in
     :class:`ComparativeLoss`, with O(out_dim) communication per call.
     """
 
-    def __init__(
-        self,
-        out_dim: int | None = 10,
-        projection: str = "gaussian",
-        seed: int = 0,
-        process_group: Any = None,
-        global_batch: bool = False,
-    ) -> None:
-        super().__init__()
-        self.process_group = process_group
-        self.global_batch = global_batch or process_group is not None
-        self.core = ckd_core.ProjectedRKDLoss(
-            out_dim=out_dim,
-            projection=projection,
-            seed=seed,
-            all_reduce=_global_batch_all_reduce(global_batch, process_group),
-        )
+    core_class = ckd_core.ProjectedRKDLoss
+    hook = "all_reduce"
 
 
 class KDLoss(_CoreLoss):
-    """Hinton KD (:class:`ckd_core.KDLoss`) on logits."""
+    """Hinton KD (:class:`ckd_core.KDLoss`) on logits: ``KDLoss(temperature=4.0)``."""
 
-    def __init__(self, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.core = ckd_core.KDLoss(temperature=temperature)
+    core_class = ckd_core.KDLoss
 
 
 class DISTLoss(_CoreLoss):
-    """DIST (:class:`ckd_core.DISTLoss`) on logits."""
+    """DIST (:class:`ckd_core.DISTLoss`) on logits: ``DISTLoss(beta=1.0, gamma=1.0, tau=4.0)``."""
 
-    def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 4.0) -> None:
-        super().__init__()
-        self.core = ckd_core.DISTLoss(beta=beta, gamma=gamma, tau=tau)
+    core_class = ckd_core.DISTLoss
