@@ -83,13 +83,14 @@ def run_torch_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]
         """``(step, forward, info)``: one forward + backward, the forward alone."""
         info: dict[str, Any] = {}
         if impl == "ckd" or impl == "comparative":
-            module = {
+            modules: dict[str, Callable[[], Any]] = {
                 "comparative": ckd_torch.ComparativeLoss,
                 "projected": lambda: ckd_torch.ProjectedRKDLoss(out_dim=PROJ_OUT),
                 "rkd": ckd_torch.RKDLoss,
                 "kd": ckd_torch.KDLoss,
                 "dist": ckd_torch.DISTLoss,
-            }["comparative" if impl == "comparative" else loss]()
+            }
+            module = modules["comparative" if impl == "comparative" else loss]()
 
             def forward() -> Any:
                 return module(student, teacher)
