@@ -1,24 +1,19 @@
-"""Shared test helpers: backend tensors, gradients, tolerances, hypothesis data.
+"""pytest configuration: ``tests/`` on ``sys.path``, hypothesis profiles, markers.
 
-The Keras backend is fixed by ``KERAS_BACKEND`` before keras is imported; the
-suite runs once per backend (numpy, jax, torch, tensorflow), each in its own
-process. Test modules import these helpers with ``from conftest import ...``
-(this file puts ``tests/`` on ``sys.path`` and registers itself as
-``conftest``, so the helpers exist once).
+Test modules import their helpers from ``tests/helpers.py`` (``from helpers
+import ...``) and the float64 oracles from ``tests/oracle.py``.
 
 Hypothesis profiles: ``ci`` (100 examples per property, no deadline) is loaded
 when the environment variable ``CI`` is set, ``dev`` (20 examples) otherwise.
+
+Markers: ``slow`` marks tests that start interpreters or process groups
+(deselect with ``-m "not slow"``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 if os.environ.get("KERAS_BACKEND") == "jax":
     import jax
@@ -26,29 +21,11 @@ if os.environ.get("KERAS_BACKEND") == "jax":
     # Before keras creates any array: float64 tests need real float64 on JAX.
     jax.config.update("jax_enable_x64", True)
 
-import keras  # noqa: E402
-import ml_dtypes  # noqa: E402
-import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
-# pytest imports this file as ``tests.conftest`` (importlib mode): make
-# ``from conftest import ...`` in the test modules reuse this very module.
-sys.modules.setdefault("conftest", sys.modules[__name__])
-
-BACKEND = keras.backend.backend()
-if BACKEND == "jax":
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-
-HAS_GRADIENTS = BACKEND in ("jax", "tensorflow", "torch")
-requires_gradients = pytest.mark.skipif(
-    not HAS_GRADIENTS, reason="the numpy backend computes values only, no gradients"
-)
 
 settings.register_profile(
     "ci",
@@ -65,257 +42,9 @@ settings.register_profile(
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-HALF_DTYPES = ("float16", "bfloat16")
-NP_DTYPES = {
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-}
-# Largest finite value and subnormal spacing of each dtype.
-DTYPE_MAX = {name: float(ml_dtypes.finfo(dt).max) for name, dt in NP_DTYPES.items()}
-DTYPE_TINY = {name: float(ml_dtypes.finfo(dt).smallest_subnormal) for name, dt in NP_DTYPES.items()}
 
-# Relative tolerance of a loss value against the float64 oracle, by input
-# dtype. Half types are accumulated in float32 and only the result is rounded,
-# so they get ~2 ulps of the output type. The Keras numpy backend silently
-# converts float64 arrays to float32 (``convert_to_tensor`` without a dtype
-# uses ``floatx``), so there float64 inputs get float32 tolerances.
-RTOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-5, "float64": 1e-10}
-
-
-def rtol(dtype: str) -> float:
-    if BACKEND == "numpy" and dtype == "float64":
-        return RTOL["float32"]
-    return RTOL[dtype]
-
-
-def compute_eps(dtype: str) -> float:
-    """Machine epsilon of the precision the losses compute in for ``dtype``."""
-    if dtype in HALF_DTYPES or (BACKEND == "numpy" and dtype == "float64"):
-        return float(np.finfo(np.float32).eps)
-    return float(np.finfo(NP_DTYPES[dtype]).eps)
-
-
-def expected_out_dtypes(dtype: str) -> tuple[str, ...]:
-    """Allowed output dtypes of a loss for inputs of ``dtype``.
-
-    The input dtype, except on the numpy backend where Keras may demote
-    float64 to float32 (``convert_to_tensor`` and Python-float constants use
-    ``floatx``).
-    """
-    if BACKEND == "numpy" and dtype == "float64":
-        return ("float64", "float32")
-    return (dtype,)
-
-
-def as_dtype(x: Any, dtype: str) -> np.ndarray:
-    """``x`` rounded to ``dtype`` and returned as float64 (what the oracle sees)."""
-    return np.asarray(x, np.float64).astype(NP_DTYPES[dtype]).astype(np.float64)
-
-
-def to_tensor(x: Any, dtype: str = "float64") -> Any:
-    """A backend tensor of ``dtype`` holding ``x``."""
-    return keras.ops.convert_to_tensor(np.asarray(x).astype(NP_DTYPES[dtype]), dtype=dtype)
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """A float64 NumPy copy of a backend tensor (any float dtype)."""
-    if dtype_of(x) in HALF_DTYPES:
-        x = keras.ops.cast(x, "float32")
-    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
-
-
-def to_float(x: Any) -> float:
-    return float(to_numpy(x))
-
-
-def dtype_of(x: Any) -> str:
-    return keras.backend.standardize_dtype(x.dtype)
-
-
-def assert_close(got: Any, want: float, dtype: str, atol: float = 0.0, factor: float = 1.0) -> None:
-    """``|got - want| <= factor * rtol(dtype) * |want| + atol + spacing``.
-
-    ``spacing`` is the subnormal spacing of ``dtype``: a result rounded to a
-    float16 subnormal has an absolute error, not a relative one.
-    """
-    got = float(got) if np.ndim(got) == 0 else got
-    err = np.abs(np.asarray(got, np.float64) - want)
-    bound = factor * rtol(dtype) * np.abs(want) + atol + DTYPE_TINY[dtype]
-    assert np.all(np.isfinite(got)), f"non-finite result {got} (want {want})"
-    assert np.all(err <= bound), (
-        f"{BACKEND}/{dtype}: got {got!r}, want {want!r}, |err|={np.max(err):.3g} > "
-        f"bound {np.max(bound):.3g} (rtol {factor * rtol(dtype):.1g}, atol {atol:.3g})"
+def pytest_configure(config) -> None:  # noqa: ANN001
+    # Also to be declared in pyproject.toml's [tool.pytest.ini_options] markers.
+    config.addinivalue_line(
+        "markers", "slow: starts interpreters or process groups (deselect with -m 'not slow')"
     )
-
-
-def value_and_grad(
-    fn: Callable[..., Any], args: Sequence[Any], wrt: Sequence[int] = (1,)
-) -> tuple[float, list[np.ndarray]]:
-    """Value of ``fn(*args)`` and its gradients w.r.t. ``args[i]`` for ``i in wrt``.
-
-    ``args`` are backend tensors; gradients come back as float64 NumPy arrays
-    (zeros where ``fn`` does not depend on an argument). Uses ``jax.grad``,
-    ``tf.GradientTape`` or ``torch.autograd``; skips on the numpy backend.
-    """
-    args = list(args)
-    if BACKEND == "jax":
-        import jax
-
-        value, grads = jax.value_and_grad(lambda *a: fn(*a), argnums=tuple(wrt))(*args)
-    elif BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape(persistent=False) as tape:
-            for i in wrt:
-                tape.watch(args[i])
-            value = fn(*args)
-        grads = tape.gradient(value, [args[i] for i in wrt])
-        pairs = zip(wrt, grads, strict=True)
-        grads = [tf.zeros_like(args[i]) if g is None else g for i, g in pairs]
-    elif BACKEND == "torch":
-        import torch
-
-        args = [
-            a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(args)
-        ]
-        value = fn(*args)
-        if value.requires_grad:
-            grads = torch.autograd.grad(value, [args[i] for i in wrt], allow_unused=True)
-        else:  # e.g. only the teacher side, which carries no gradient
-            grads = [None] * len(wrt)
-        pairs = zip(wrt, grads, strict=True)
-        grads = [torch.zeros_like(args[i]) if g is None else g for i, g in pairs]
-        value = value.detach()
-        grads = [g.detach() for g in grads]
-    else:
-        pytest.skip("the numpy backend computes values only, no gradients")
-    return to_float(value), [to_numpy(g) for g in grads]
-
-
-# ---------------------------------------------------------------------------
-# Hypothesis data. Arrays are generated from a drawn seed (hypothesis cannot
-# draw 2 x 64 x 128 floats element-wise within its buffer), with the
-# structure drawn by hypothesis: scale, offset, how the student relates to the
-# teacher, duplicated rows.
-# ---------------------------------------------------------------------------
-
-SCALES = {
-    "float16": (0.1, 1.0, 8.0),
-    "bfloat16": (0.1, 1.0, 8.0),
-    "float32": (1e-2, 1.0, 10.0, 1e3),
-    "float64": (1e-3, 1.0, 10.0, 1e4),
-}
-KINDS = ("independent", "close", "affine", "duplicates", "clustered")
-
-
-@dataclass
-class Batch:
-    """A drawn (teacher, student) pair, exactly representable in ``dtype``.
-
-    ``teacher``/``student`` are float64 arrays holding the dtype-rounded
-    values, so the oracle sees exactly what the backend sees.
-    """
-
-    teacher: np.ndarray
-    student: np.ndarray
-    dtype: str
-    kind: str
-    seed: int
-
-    @property
-    def n(self) -> int:
-        return self.teacher.shape[0]
-
-    @property
-    def d(self) -> int:
-        return self.teacher.shape[1]
-
-    def tensors(self, dtype: str | None = None) -> tuple[Any, Any]:
-        dtype = dtype or self.dtype
-        return to_tensor(self.teacher, dtype), to_tensor(self.student, dtype)
-
-    def rng(self, salt: int = 1) -> np.random.Generator:
-        return np.random.default_rng([self.seed, salt])
-
-
-def make_batch(
-    n: int,
-    d: int,
-    dtype: str,
-    seed: int,
-    scale: float = 1.0,
-    offset: float = 0.0,
-    kind: str = "independent",
-) -> Batch:
-    rng = np.random.default_rng(seed)
-    teacher = rng.standard_normal((n, d)) * scale + offset * rng.standard_normal(d)
-    if kind == "independent":
-        student = rng.standard_normal((n, d)) * scale
-    elif kind == "close":
-        student = teacher + rng.standard_normal((n, d)) * scale * 1e-2
-    elif kind == "affine":
-        student = 0.5 * teacher + rng.standard_normal(d) * scale
-    elif kind == "duplicates":
-        student = rng.standard_normal((n, d)) * scale
-        src = rng.integers(0, n, size=n)
-        keep = rng.random(n) < 0.5
-        src = np.where(keep, np.arange(n), src)
-        teacher, student = teacher[src], student[src]
-    elif kind == "clustered":
-        centres = rng.standard_normal((3, d)) * scale
-        labels = rng.integers(0, 3, size=n)
-        teacher = centres[labels] + rng.standard_normal((n, d)) * scale * 0.1
-        student = centres[labels] * 2 + rng.standard_normal((n, d)) * scale * 0.1
-    else:
-        raise ValueError(kind)
-    return Batch(as_dtype(teacher, dtype), as_dtype(student, dtype), dtype, kind, seed)
-
-
-def sizes(lo: int, hi: int) -> st.SearchStrategy[int]:
-    """Sizes in ``[lo, hi]``; under JAX one fixed size in that range.
-
-    JAX compiles every op anew for every new shape and dtype (seconds per
-    loss call on a loaded 2-core machine, so minutes per property with drawn
-    shapes). Under JAX the values, dtypes and structure are still drawn, but
-    each property uses one shape, whose compiled ops are then reused; shape
-    coverage comes from the other three backend sessions.
-    """
-    if BACKEND != "jax":
-        return st.integers(lo, hi)
-    return st.just(min(max(lo, 13), hi))
-
-
-@st.composite
-def batches(
-    draw: Any,
-    min_n: int = 2,
-    max_n: int = 64,
-    min_d: int = 1,
-    max_d: int = 128,
-    dtypes: Sequence[str] = FLOAT_DTYPES,
-    kinds: Sequence[str] = KINDS,
-    min_scale: float = 0.0,
-) -> Batch:
-    """Hypothesis strategy of :class:`Batch` (n in [min_n, max_n], d in [min_d, max_d])."""
-    n = draw(sizes(min_n, max_n))
-    d = draw(sizes(min_d, max_d))
-    dtype = draw(st.sampled_from(list(dtypes)))
-    seed = draw(st.integers(0, 2**32 - 1))
-    scale = draw(st.sampled_from([s for s in SCALES[dtype] if s >= min_scale]))
-    offset = draw(st.sampled_from((0.0, 0.0, 1.0, 5.0))) * scale
-    kind = draw(st.sampled_from(list(kinds)))
-    return make_batch(n, d, dtype, seed, scale, offset, kind)
-
-
-def min_separation(x: np.ndarray) -> float:
-    """Smallest distance between two distinct rows, relative to the batch spread."""
-    diff = x[:, None, :] - x[None, :, :]
-    dist = np.sqrt(np.sum(diff**2, axis=-1))
-    spread = np.max(dist)
-    np.fill_diagonal(dist, np.inf)
-    if spread == 0:
-        return 0.0
-    return float(np.min(dist) / spread)

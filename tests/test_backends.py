@@ -18,12 +18,14 @@ from itertools import combinations
 import numpy as np
 import oracle
 import pytest
+from helpers import BACKEND
 
-from conftest import BACKEND
-
-pytestmark = pytest.mark.skipif(
-    BACKEND != "numpy", reason="runs once, in the numpy session (it starts all four backends)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        BACKEND != "numpy", reason="runs once, in the numpy session (it starts all four backends)"
+    ),
+]
 
 BACKENDS = ("numpy", "jax", "torch", "tensorflow")
 

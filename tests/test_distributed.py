@@ -31,6 +31,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-10  # float64 relative error: loss values and gradients
 _ACTIVE = os.environ.get("KERAS_BACKEND", "tensorflow")
 _TIMEOUT = 300

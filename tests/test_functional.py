@@ -10,9 +10,7 @@ import keras
 import numpy as np
 import oracle
 import pytest
-
-from ckd_core import functional as F
-from conftest import (
+from helpers import (
     BACKEND,
     DTYPE_MAX,
     FLOAT_DTYPES,
@@ -30,26 +28,15 @@ from conftest import (
     to_tensor,
     value_and_grad,
 )
+from helpers import (
+    LOSSES as LOSS_TABLE,
+)
 
-_P3 = F.make_projection(3, 2, "gaussian", seed=3)
+from ckd_core import functional as F
 
-
-def _projection(d: int) -> np.ndarray:
-    return F.make_projection(d, 2, "gaussian", seed=3)
-
-
-# name -> (loss(t, s), oracle(t, s)); the oracle gets the float64 values.
-LOSSES = {
-    "comparative": (F.comparative_loss, oracle.comparative),
-    "projected": (
-        lambda t, s: F.projected_rkd_loss(t, s, _projection(t.shape[1])),
-        lambda t, s: oracle.projected(t, s, _projection(t.shape[1])),
-    ),
-    "kd": (F.kd_loss, oracle.kd),
-    "dist": (F.dist_loss, oracle.dist),
-    "rkd_distance": (F.rkd_distance_loss, oracle.rkd_distance),
-    "rkd_angle": (F.rkd_angle_loss, oracle.rkd_angle),
-}
+# name -> (loss(t, s), oracle(t, s)) from the shared table; the oracle gets
+# the float64 values.
+LOSSES = {name: (case.fn, case.oracle) for name, case in LOSS_TABLE.items()}
 PAIRWISE = ["comparative", "projected", "rkd_distance", "rkd_angle"]
 
 

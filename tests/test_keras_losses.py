@@ -6,10 +6,7 @@ import keras
 import numpy as np
 import oracle
 import pytest
-
-import ckd_core
-from ckd_core import functional as F
-from conftest import (
+from helpers import (
     BACKEND,
     HAS_GRADIENTS,
     assert_close,
@@ -19,6 +16,9 @@ from conftest import (
     to_float,
     to_tensor,
 )
+
+import ckd_core
+from ckd_core import functional as F
 
 CLASSES_AND_CONFIGS = [
     (ckd_core.ComparativeLoss, {}),

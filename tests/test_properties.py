@@ -1,10 +1,10 @@
 """Hypothesis properties of every loss, in the active backend's session.
 
 Each property draws shapes (n 2-64, d 1-128), dtypes and values (see
-``conftest.batches``) and checks the backend against the float64 loop oracle
+``helpers.batches``) and checks the backend against the float64 loop oracle
 (``tests/oracle.py``) or against an invariance of the loss. Run once per
 backend, these are the backend-equivalence checks: every backend must agree
-with the same oracle within its per-dtype tolerance (``conftest.rtol``).
+with the same oracle within its per-dtype tolerance (``helpers.rtol``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ from __future__ import annotations
 import numpy as np
 import oracle
 import pytest
-from hypothesis import assume, given
-from hypothesis import strategies as st
-
-from ckd_core import functional as F
-from conftest import (
+from helpers import (
     BACKEND,
     Batch,
     as_dtype,
@@ -32,6 +28,10 @@ from conftest import (
     to_tensor,
     value_and_grad,
 )
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from ckd_core import functional as F
 
 # The RKD angle oracle loops over n^2 (anchor, j) in Python (k vectorized)
 # and the loss is O(n^3): keep n small.

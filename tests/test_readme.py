@@ -54,6 +54,7 @@ def test_every_python_block_is_tested():
     assert {b for _, b, _ in SNIPPETS} == set(BACKENDS), "every backend has a snippet"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("backend", "code"),
     [pytest.param(b, c, id=f"{n}-{b}") for n, b, c in SNIPPETS],

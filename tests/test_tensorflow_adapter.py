@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import oracle
 import pytest
-
-from conftest import BACKEND, assert_close, make_batch
+from helpers import BACKEND, assert_close, make_batch
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="ckd_tensorflow needs the tensorflow backend"
@@ -104,6 +103,7 @@ def test_functional_module_is_core():
     assert issubclass(ckd_tensorflow.ComparativeLoss, tf.keras.losses.Loss)
 
 
+@pytest.mark.slow
 def test_import_error_when_keras_runs_another_backend():
     code = (
         "import keras\ntry:\n    import ckd_tensorflow\n"

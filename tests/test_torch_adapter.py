@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import oracle
 import pytest
-
-from conftest import BACKEND, assert_close, make_batch
+from helpers import BACKEND, assert_close, make_batch
 
 pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="ckd_torch needs the torch backend")
 
@@ -213,6 +212,7 @@ def test_device_kept_when_keras_default_device_differs():
         global_state.set_global_attribute("torch_device", previous)
 
 
+@pytest.mark.slow
 def test_import_error_when_keras_runs_another_backend():
     code = (
         "import keras\ntry:\n    import ckd_torch\nexcept ImportError as e:\n    print('ERR', e)\n"
