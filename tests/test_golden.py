@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import assert_close, to_float, to_tensor
 
 import ckd_core
 from ckd_core import functional as F
-from helpers import assert_close, to_float, to_tensor
 
 T = np.array(
     [
