@@ -143,6 +143,45 @@ class _ThreadReplicas:
 
         return reduce
 
+    def all_gather(self, rank: int):
+        from keras import ops
+
+        def gather(x):
+            self.slots[rank] = ops.convert_to_numpy(x)
+            self.barrier.wait()
+            rows = np.concatenate(self.slots, axis=0)
+            self.barrier.wait()
+            return ops.convert_to_tensor(rows, dtype=x.dtype)
+
+        return gather
+
+
+@pytest.mark.parametrize("sizes", [[3, 4], [5, 0, 2], [1, 1, 1, 1]])
+def test_core_all_gather_rkd_equals_concatenated_batch(sizes: list[int]) -> None:
+    """RKD with the core's ``all_gather`` hook equals RKD of the whole batch on every replica."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import keras
+
+    import ckd_core
+
+    x, teacher, _ = _data(sum(sizes), 5, D_OUT)
+    student = np.tanh(x[:, :D_OUT] * 2 + 1)
+    bounds = np.cumsum([0, *sizes])
+    replicas = _ThreadReplicas(len(sizes))
+
+    def run(rank: int) -> float:
+        part = slice(bounds[rank], bounds[rank + 1])
+        loss = ckd_core.RKDLoss(all_gather=replicas.all_gather(rank))
+        return float(keras.ops.convert_to_numpy(loss(teacher[part], student[part])))
+
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        values = list(pool.map(run, range(len(sizes))))
+    expected = float(keras.ops.convert_to_numpy(ckd_core.RKDLoss()(teacher, student)))
+    tol = 1e-5 if keras.backend.backend() == "numpy" else TOL
+    for value in values:
+        assert _rel(value, expected) <= tol, (value, expected)
+
 
 @pytest.mark.parametrize("sizes", [[3, 4], [5, 0, 2], [1, 1, 1, 1], [7]])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -364,7 +403,13 @@ def _tf_main() -> None:
         [tf.config.LogicalDeviceConfiguration()] * 2,
     )
     import keras
-    from ckd_tensorflow import ComparativeLoss, ProjectedRKDLoss, replica_sum
+    from ckd_tensorflow import (
+        ComparativeLoss,
+        ProjectedRKDLoss,
+        RKDLoss,
+        replica_gather,
+        replica_sum,
+    )
 
     keras.config.set_floatx("float64")
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -380,10 +425,12 @@ def _tf_main() -> None:
     def cases(all_reduce) -> dict:
         ckd = ComparativeLoss(all_reduce=all_reduce)
         proj = ProjectedRKDLoss(out_dim=2, all_reduce=all_reduce)
+        rkd = RKDLoss(all_gather=None if all_reduce is None else replica_gather)
         return {
             "ckd": lambda t, s, w: ckd(t, s),
             "ckd_weighted": lambda t, s, w: ckd(t, s, w),
             "projected": lambda t, s, w: proj(t, s, w),
+            "rkd": lambda t, s, w: rkd(t, s),
         }
 
     x, teacher, weights = _data(sum(TF_SIZES), D_IN, D_OUT)
@@ -454,7 +501,7 @@ def _tf_main() -> None:
 @_needs("tensorflow", "tensorflow")
 def test_tf_mirrored_strategy_equals_single_device() -> None:
     rows = _finish(_launch("tf", env=_env("tensorflow")))
-    assert {r["case"] for r in rows} == {"ckd", "ckd_weighted", "projected", "model.fit"}
+    assert {r["case"] for r in rows} == {"ckd", "ckd_weighted", "projected", "rkd", "model.fit"}
     for r in rows:
         assert r["loss_rel_err"] <= TOL, r
         # model.fit: gradients recovered from an SGD step, (w0 - w1) / lr.
@@ -554,6 +601,31 @@ def _jax_main() -> None:
         flush=True,
     )
 
+    # Global-batch RKD under shard_map: the core's all_gather hook.
+    rkd = ckd_core.RKDLoss(all_gather=lambda v: jax.lax.all_gather(v, "batch", tiled=True))
+
+    def local_rkd(t, s):
+        return rkd(t, s)[None]
+
+    sharded_rkd = jax.jit(
+        jax.shard_map(local_rkd, mesh=mesh, in_specs=(spec, spec), out_specs=PartitionSpec("batch"))
+    )
+    rkd_values = sharded_rkd(put[0], put[1])
+    rkd_ref = ckd_core.RKDLoss()(teacher, student)
+    rkd_grad = jax.grad(lambda s: sharded_rkd(put[0], s).mean())(put[1])
+    rkd_ref_grad = jax.grad(lambda s: ckd_core.RKDLoss()(teacher, s))(student)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "case": "shard_map all_gather rkd",
+                "loss_rel_err": max(_rel(v, rkd_ref) for v in np.asarray(rkd_values)),
+                "grad_rel_err": _rel(rkd_grad, rkd_ref_grad),
+            }
+        ),
+        flush=True,
+    )
+
 
 @_needs("jax", "jax")
 def test_jax_data_parallel_equals_single_device() -> None:
@@ -564,7 +636,11 @@ def test_jax_data_parallel_equals_single_device() -> None:
         JAX_ENABLE_X64="1",
     )
     rows = _finish(_launch("jax", env=env))
-    assert {r["case"] for r in rows} == {"DataParallel model.fit", "shard_map psum"}
+    assert {r["case"] for r in rows} == {
+        "DataParallel model.fit",
+        "shard_map psum",
+        "shard_map all_gather rkd",
+    }
     for r in rows:
         assert r["loss_rel_err"] <= TOL, r
         assert r["grad_rel_err"] <= TOL, r

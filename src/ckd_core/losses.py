@@ -25,8 +25,8 @@ _TENSORFLOW = keras.backend.backend() == "tensorflow"
 def _scale_for_replicas(value: Any) -> Any:
     """Divides by ``num_replicas_in_sync`` under a ``tf.distribute`` strategy.
 
-    What Keras' own losses do (``keras.src.losses.loss.scale_loss_for_distribution``,
-    private), with public TensorFlow API; identity on the other backends.
+    What Keras' own losses do (its private ``scale_loss_for_distribution``),
+    with public TensorFlow API; identity on the other backends.
     """
     if not _TENSORFLOW:
         return value
