@@ -223,3 +223,48 @@ def test_import_error_when_keras_runs_another_backend():
     )
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "numpy" in out.stdout and "KERAS_BACKEND=torch" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["ComparativeLoss", "KDLoss", "DISTLoss", "ProjectedRKDLoss"])
+def test_vmap_grad_composability(name):
+    """The reference experiments stack runs with ``torch.func.vmap(grad(...))``."""
+    from torch.func import grad, vmap
+
+    module = MODULES[name][0]()
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 6, 4, dtype=torch.float64), torch.randn(3, 6, 4, dtype=torch.float64)
+    stacked = vmap(grad(lambda s, t: module(s, t)))(s, t)
+    for k in range(3):
+        single = s[k].clone().requires_grad_(True)
+        module(single, t[k]).backward()
+        torch.testing.assert_close(stacked[k], single.grad)
+
+
+def test_vmap_pairs_buffers_and_traced_bad_values():
+    """Index buffers batched by vmap: no host sync; out-of-range or negative weights give NaN."""
+    from torch.func import grad, vmap
+
+    ckd = ckd_torch.ComparativeLoss()
+    s, t = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    a, b = torch.tensor([[0, 1, 2]] * 2), torch.tensor([[3, 4, 5]] * 2)
+    g = vmap(grad(lambda s, t, a, b: ckd(s, t, pairs=(a, b))))(s, t, a, b)
+    assert torch.isfinite(g).all()
+    bad = torch.tensor([[3, 4, 6]] * 2)
+    assert torch.isnan(vmap(lambda s, t, a, b: ckd(s, t, pairs=(a, b)))(s, t, a, bad)).all()
+    w = torch.ones(2, 6)
+    w[:, 1] = -1.0
+    assert torch.isnan(vmap(lambda s, t, w: ckd(s, t, sample_weight=w))(s, t, w)).all()
+
+
+def test_modules_forward_options_to_the_core():
+    assert ckd_torch.KDLoss(temperature=2.0).core.temperature == 2.0
+    assert ckd_torch.KDLoss(3.0).core.temperature == 3.0
+    rkd = ckd_torch.RKDLoss(distance_weight=1.0, angle_weight=0.0, global_batch=True)
+    assert rkd.core.all_gather is not None and rkd.global_batch
+    proj = ckd_torch.ProjectedRKDLoss(out_dim=3, seed=2, global_batch=True)
+    assert proj.core.out_dim == 3 and proj.core.all_reduce is not None
+    assert ckd_torch.ComparativeLoss(process_group=None).core.all_reduce is None
+    with pytest.raises(ValueError, match="global_batch"):
+        ckd_torch.KDLoss(global_batch=True)
+    with pytest.raises(ValueError, match="temperature"):
+        ckd_torch.KDLoss(temperature=0.0)
