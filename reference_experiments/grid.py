@@ -1,629 +1,303 @@
-"""Grid runner: expand a TOML config into run specs and run them resumably.
+"""Grids: a TOML file expanded into :class:`RunConfig` s, run resumably in stacks.
 
-A config lists teachers and one or more ``[[runs]]`` blocks; each block is the
-cartesian product of its list-valued axes (``pairs``, ``methods``, ``budgets``,
-``seeds``, optionally ``lrs``, ``teacher_views``, ``presets``, ``datasets``),
-with scalar keys as fixed settings and ``[defaults]`` underneath. Every run
-spec gets a stable id: a hash of everything that determines its result
-(dataset, teacher identity, student, method, budget, seed, preset, ...), but
-not of where it runs (device, data directory) nor of which config named it,
-so configs that share runs share result rows.
+A config names teachers and one or more ``[[runs]]`` blocks. A block is the
+cartesian product of its list-valued axes -- ``pairs`` (``[teacher,
+student_arch]``) and the plural of every :data:`config.GRID_AXES` field
+(``methods``, ``budgets``, ``seeds``, ``lrs``, ``datasets``, ``presets``,
+``teacher_views``) -- over its scalar :class:`RunConfig` fields and
+``[defaults]``. A teacher is ``path = "..."`` or trained on first use
+(``train_epochs``, ``seed``; saved under ``teachers_dir``).
 
-Results are a JSONL file, one row per *finished* run. Each row is added by
-rewriting the whole file to a temporary file, ``fsync`` and ``os.replace``
-under an exclusive ``flock`` on ``<results>.lock``: a ``kill -9`` at any
-moment leaves either the old or the new file, never a partial row, and a row
-whose id is already present is never written twice (even with several grid
-processes sharing one results file). On restart, runs whose id is in the
-results are skipped.
+Finished runs are rows of the results JSONL (:mod:`.rows`), keyed by
+:meth:`RunConfig.run_id`; a rerun skips them, so a grid survives any kill.
+Pending runs with equal :meth:`RunConfig.stack_key` train together, up to
+``stack`` at a time, in one :func:`engine.train` call.
 
 >>> cfg = parse_config({"name": "t", "defaults": {"dataset": "digits", "preset": "fast"},
 ...     "teachers": {"cnn": {"arch": "digits_cnn", "train_epochs": 5}},
 ...     "runs": [{"pairs": [["cnn", "digits_mlp"]], "methods": ["ce", "kd"],
 ...               "budgets": [100, 200], "seeds": [0, 1]}]})
->>> specs = expand(cfg)
->>> len(specs), specs[0]["method"], specs[0]["teacher_arch"]
+>>> runs = expand(cfg)
+>>> len(runs), runs[0].method, runs[0].teacher_arch
 (8, 'ce', 'digits_cnn')
->>> specs[0]["run_id"] == expand(cfg)[0]["run_id"]
+>>> runs[0].run_id() == expand(cfg)[0].run_id()
 True
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import importlib
 import itertools
 import json
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef]  # same API under another name
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no cross-process lock
-    fcntl = None  # type: ignore[assignment]
+from .config import GRID_AXES, RunConfig
+from .rows import ResultRow, append_row, finished_ids
 
-RunSpec = dict[str, Any]
-RunFn = Callable[[RunSpec], Mapping[str, Any]]
+__all__ = [
+    "Runner",
+    "Teachers",
+    "expand",
+    "load_config",
+    "parse_config",
+    "run_grid",
+    "select_shard",
+    "stacks",
+    "with_overrides",
+]
 
-#: list-valued axes of a ``[[runs]]`` block -> the spec key each value sets
-AXES = {
-    "datasets": "dataset",
-    "pairs": ("teacher", "student_arch"),
-    "methods": "method",
-    "budgets": "budget",
-    "seeds": "seed",
-    "lrs": "lr",
-    "teacher_views": "teacher_view",
-    "presets": "preset",
-}
-
-#: spec keys that say where/how a run executes, not what it computes
-NON_IDENTITY_KEYS = {
-    "run_id",
-    "device",
-    "data_dir",
-    "teacher_path",
-    "grid",
-    "paper_dataset",
-    "progress",
-    "teachers_dir",
-}
-
-SPEC_DEFAULTS: dict[str, Any] = {
-    "preset": "paper",
-    "teacher_view": "clean",
-}
-
-
-# --------------------------------------------------------------------------- config
+#: a stack's trainer: configs -> (config, row) per config (engine.train, or a stand-in in tests)
+Trainer = Callable[[Sequence[RunConfig]], Sequence[tuple[RunConfig, ResultRow]]]
+_FIELDS = {f.name for f in fields(RunConfig)}
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate a grid config (TOML)."""
+    """Reads and validates a grid config (TOML)."""
     path = Path(path)
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     raw.setdefault("name", path.stem)
-    cfg = parse_config(raw)
-    cfg["config_path"] = str(path)
-    return cfg
+    return parse_config(raw)
 
 
 def parse_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a config mapping (as read from TOML) and fill in defaults."""
+    """Validates a config mapping (as read from TOML) and fills in defaults."""
     cfg = copy.deepcopy(dict(raw))
-    cfg.setdefault("name", "grid")
+    name = cfg.setdefault("name", "grid")
     cfg.setdefault("defaults", {})
     cfg.setdefault("teachers", {})
-    cfg.setdefault("results", f"runs/{cfg['name']}/results.jsonl")
+    cfg.setdefault("results", f"runs/{name}/results.jsonl")
     cfg.setdefault("teachers_dir", "runs/teachers")
+    known = (_FIELDS - {"teacher"}) | set(GRID_AXES) | {"pairs"}
     blocks = cfg.get("runs")
     if not blocks:
-        raise ValueError(f"config {cfg['name']!r} has no [[runs]] block")
+        raise ValueError(f"config {name!r} has no [[runs]] block")
+    for i, block in enumerate([cfg["defaults"], *blocks]):
+        unknown = set(block) - known
+        if unknown:
+            where = "[defaults]" if i == 0 else f"[[runs]] block {i - 1}"
+            raise ValueError(f"{where} of {name!r}: unknown keys {sorted(unknown)}")
     for i, block in enumerate(blocks):
-        for key in ("methods", "budgets", "seeds"):
-            if key not in block and key[:-1] not in block and key[:-1] not in cfg["defaults"]:
-                raise ValueError(f"[[runs]] block {i} of {cfg['name']!r} lacks {key!r}")
-        if "pairs" in block:
-            for pair in block["pairs"]:
-                if len(pair) != 2:
-                    raise ValueError(f"pair {pair!r} is not [teacher, student_arch]")
-                if pair[0] not in cfg["teachers"]:
-                    raise ValueError(f"pair {pair!r}: unknown teacher {pair[0]!r}")
-        elif "teacher" not in block and "teacher" not in cfg["defaults"]:
-            raise ValueError(f"[[runs]] block {i} of {cfg['name']!r} names no teacher")
-    for name, t in cfg["teachers"].items():
-        if "arch" not in t:
-            raise ValueError(f"teacher {name!r} lacks 'arch'")
-        if "path" not in t and "train_epochs" not in t:
-            raise ValueError(f"teacher {name!r} needs 'path' or 'train_epochs'")
+        for pair in block.get("pairs", ()):
+            if len(pair) != 2 or pair[0] not in cfg["teachers"]:
+                raise ValueError(f"block {i}: pair {pair!r} is not [known teacher, student_arch]")
+        if "pairs" not in block and "pairs" not in cfg["defaults"]:
+            raise ValueError(f"[[runs]] block {i} of {name!r} has no pairs = [[teacher, student]]")
+    for key, t in cfg["teachers"].items():
+        if "arch" not in t or ("path" not in t and "train_epochs" not in t):
+            raise ValueError(f"teacher {key!r} needs 'arch' and one of 'path', 'train_epochs'")
     return cfg
 
 
-def teacher_identity(cfg: Mapping[str, Any], key: str, dataset: str) -> dict[str, Any]:
-    """What determines a teacher: its file, or how it is trained (and on what)."""
-    t = cfg["teachers"][key]
-    if "path" in t:
-        return {"arch": t["arch"], "path": str(t["path"])}
-    return {
-        "arch": t["arch"],
-        "dataset": t.get("dataset", dataset),
-        "epochs": int(t["train_epochs"]),
-        "seed": int(t.get("seed", 0)),
-        **({"lr": t["lr"]} if "lr" in t else {}),
-        **({"batch_size": t["batch_size"]} if "batch_size" in t else {}),
-    }
+def _teacher_key(cfg: Mapping[str, Any], key: str, dataset: str) -> str:
+    """``name@hash`` of what determines a teacher: its file, or how and on what it trains."""
+    t = dict(cfg["teachers"][key])
+    ident = {"arch": t["arch"], "path": str(t["path"])} if "path" in t else {**t, "dataset": dataset}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{key}@{digest}"
 
 
-def run_id(spec: Mapping[str, Any]) -> str:
-    """Stable 16-hex id of a spec: sha256 of its identity keys as canonical JSON."""
-    ident = {k: v for k, v in spec.items() if k not in NON_IDENTITY_KEYS and v is not None}
-    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _axis_values(block: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[tuple[str, list]]:
-    axes = []
-    for plural, key in AXES.items():
-        if plural in block:
-            axes.append((plural, list(block[plural])))
-        elif isinstance(key, str) and key in block:
-            axes.append((plural, [block[key]]))
-        elif isinstance(key, str) and plural in defaults:
-            axes.append((plural, list(defaults[plural])))
-    return axes
-
-
-def expand(cfg: Mapping[str, Any]) -> list[RunSpec]:
-    """Cartesian product of every ``[[runs]]`` block, in config order, deduplicated by id."""
-    specs: list[RunSpec] = []
+def expand(cfg: Mapping[str, Any]) -> list[RunConfig]:
+    """Every ``[[runs]]`` block's product, in config order, without repeats."""
+    out: list[RunConfig] = []
     seen: set[str] = set()
-    defaults = {k: v for k, v in cfg["defaults"].items() if k not in AXES}
     for block in cfg["runs"]:
-        fixed = {k: v for k, v in block.items() if k not in AXES}
-        axes = _axis_values(block, cfg["defaults"])
-        names = [a for a, _ in axes]
-        for combo in itertools.product(*(vals for _, vals in axes)):
-            spec: RunSpec = {**SPEC_DEFAULTS, **defaults, **fixed}
-            for plural, value in zip(names, combo, strict=True):
-                key = AXES[plural]
-                if isinstance(key, tuple):
-                    spec.update(zip(key, value, strict=True))
-                else:
-                    spec[key] = value
-            tkey = spec["teacher"]
-            spec["teacher_arch"] = cfg["teachers"][tkey]["arch"]
-            spec["teacher_id"] = teacher_identity(cfg, tkey, spec["dataset"])
-            if "paper_dataset" in cfg and "paper_dataset" not in spec:
-                spec["paper_dataset"] = cfg["paper_dataset"]
-            spec["run_id"] = run_id(spec)
-            if spec["run_id"] in seen:
-                continue
-            seen.add(spec["run_id"])
-            specs.append(spec)
-    return specs
+        merged = {**cfg["defaults"], **block}
+        fixed = {k: v for k, v in merged.items() if k in _FIELDS}
+        axes: list[tuple[str, list[Any]]] = []
+        for plural, name in GRID_AXES.items():
+            if plural in merged:
+                fixed.pop(name, None)
+                axes.append((name, list(merged[plural])))
+        pairs = [tuple(p) for p in merged["pairs"]]
+        for pair, *values in itertools.product(pairs, *(v for _, v in axes)):
+            kw = {**fixed, **{n: v for (n, _), v in zip(axes, values, strict=True)}}
+            teacher, kw["student_arch"] = pair
+            kw["teacher_arch"] = cfg["teachers"][teacher]["arch"]
+            kw["teacher_key"] = _teacher_key(cfg, teacher, kw.get("dataset", "digits"))
+            run = RunConfig.from_dict(kw).validate()
+            if run.run_id() not in seen:
+                seen.add(run.run_id())
+                out.append(run)
+    return out
 
 
-def select_shard(specs: list[RunSpec], shard: str | None) -> list[RunSpec]:
-    """``"i/n"``: every n-th spec starting at i (stable: ids, not timing, decide)."""
+def select_shard(runs: list[RunConfig], shard: str | None) -> list[RunConfig]:
+    """``"i/n"``: the runs whose id falls in shard i of n (ids, not timing, decide)."""
     if not shard:
-        return specs
-    i, n = (int(x) for x in shard.split("/"))
+        return runs
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N, got {shard!r}") from None
     if not 0 <= i < n:
-        raise ValueError(f"bad shard {shard!r}: need 0 <= i < n")
-    return [s for s in specs if int(s["run_id"], 16) % n == i]
+        raise ValueError(f"bad shard {shard!r}: need 0 <= I < N")
+    return [r for r in runs if int(r.run_id(), 16) % n == i]
 
 
-# --------------------------------------------------------------------------- results file
+def stacks(runs: Sequence[RunConfig], size: int) -> list[list[RunConfig]]:
+    """Runs grouped by stack key (first-appearance order), in chunks of at most ``size``."""
+    groups: dict[str, list[RunConfig]] = {}
+    for r in runs:
+        groups.setdefault(r.stack_key(), []).append(r)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), max(1, size))]
 
 
-def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All rows of a JSONL results file; a malformed line is skipped with a warning."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"warning: {path}:{lineno}: malformed row skipped", file=sys.stderr)
-    return rows
+class Teachers:
+    """Teacher files of a grid: the configured path, or trained once and reused
+    (``teachers_dir/<key>/``, so teachers differing in anything never collide)."""
 
+    def __init__(self, cfg: Mapping[str, Any], *, device: str = "auto", data_dir: str | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.data_dir = data_dir
 
-def finished_ids(path: str | os.PathLike[str]) -> set[str]:
-    return {r["run_id"] for r in read_results(path) if "run_id" in r}
+    def path(self, run: RunConfig, dataset: Any) -> Path:
+        name = run.teacher_key.split("@")[0]
+        t = self.cfg["teachers"][name]
+        if "path" in t:
+            return Path(t["path"])
+        from .teacher import train_teacher
 
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a+") as lf:
-        if fcntl is not None:
-            fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _clean_stale_tmp(path: Path) -> None:
-    """Remove temporaries left by writers that were killed (their pid is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            pid = int(tmp.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        except PermissionError:
-            pass
-
-
-def append_row(path: str | os.PathLike[str], row: Mapping[str, Any]) -> bool:
-    """Atomically add ``row`` unless a row with its ``run_id`` exists. Returns whether written.
-
-    Whole-file rewrite + fsync + ``os.replace`` under an exclusive lock: a crash at
-    any point leaves the old or the new file, both complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(dict(row), sort_keys=True, default=_json_default) + "\n"
-    with _locked(path):
-        old = path.read_bytes() if path.exists() else b""
-        rid = row.get("run_id")
-        if rid is not None and old:
-            for raw in old.splitlines():
-                with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-                    if json.loads(raw).get("run_id") == rid:
-                        return False
-        if old and not old.endswith(b"\n"):
-            old += b"\n"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(old)
-            f.write(line.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    return True
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):  # numpy / torch scalars
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-# --------------------------------------------------------------------------- running
+        out_dir = Path(self.cfg["teachers_dir"]) / run.teacher_key.replace("@", "_")
+        found = sorted(out_dir.glob("*.safetensors"))
+        if found:
+            return found[0]
+        print(f"training teacher {run.teacher_key} -> {out_dir}", file=sys.stderr)
+        kw = {k: t[k] for k in ("lr", "batch_size", "recipe") if k in t}
+        return train_teacher(
+            t["arch"],
+            dataset,
+            epochs=int(t["train_epochs"]),
+            seed=int(t.get("seed", 0)),
+            out_dir=out_dir,
+            device=self.device,
+            **kw,
+        )
 
 
 def run_grid(
-    specs: Iterable[RunSpec],
+    runs: Sequence[RunConfig],
     results: str | os.PathLike[str],
-    run_fn: RunFn,
+    trainer: Trainer,
     *,
     max_runs: int | None = None,
-    keep_going: bool = False,
-    progress: bool = True,
-    grid_name: str | None = None,
     stack: int = 1,
+    keep_going: bool = False,
+    grid_name: str | None = None,
+    paper_dataset: str | None = None,
+    progress: bool = True,
 ) -> dict[str, int]:
-    """Run every spec whose id is not yet in ``results``; append one row per finished run.
+    """Trains every run not yet in ``results``, one stack at a time; appends a row per run.
 
-    ``run_fn(spec) -> row`` does the work (injected for testability). With ``stack > 1``
-    and a ``run_fn`` that has ``run_batch(specs) -> rows`` and ``batch_key(spec)``, up to
-    ``stack`` pending runs with the same key are trained together (one stacked step on
-    the device); their rows are appended when the batch finishes, so a kill loses at
-    most the batch in flight. Returns counts ``{"total", "skipped", "ran", "failed"}``.
+    A stack's rows are appended when it finishes, so a kill loses at most the
+    stack in flight. Rows whose every lr diverged go to ``<results>.failed.jsonl``.
+    Returns counts ``{"total", "skipped", "ran", "failed"}``.
     """
+    if max_runs is not None and max_runs < 0:
+        raise ValueError(f"max_runs must be >= 0, got {max_runs}")
     results = Path(results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(results)
-    specs = list(specs)
     done = finished_ids(results)
-    pending = [s for s in specs if s["run_id"] not in done]
+    pending = [r for r in runs if r.run_id() not in done]
     if max_runs is not None:
         pending = pending[:max_runs]
-    counts = {
-        "total": len(specs),
-        "skipped": sum(s["run_id"] in done for s in specs),
-        "ran": 0,
-        "failed": 0,
-    }
-    run_batch = getattr(run_fn, "run_batch", None) if stack > 1 else None
-    chunks = (
-        batches(pending, run_fn.batch_key, stack)  # type: ignore[attr-defined]
-        if run_batch is not None
-        else [[s] for s in pending]
-    )
+    counts = {"total": len(runs), "skipped": len(runs) - len(pending), "ran": 0, "failed": 0}
+    chunks = stacks(pending, stack)
     print(
-        f"grid {grid_name or ''}: {len(specs)} runs, {counts['skipped']} already in "
-        f"{results}, {len(pending)} to run"
-        + (f" in {len(chunks)} stacked batches" if run_batch is not None else ""),
+        f"grid {grid_name or ''}: {len(runs)} runs, {counts['skipped']} done or skipped, "
+        f"{len(pending)} to run in {len(chunks)} stacks",
         file=sys.stderr,
     )
-    failed_path = results.with_name(results.stem + ".failed.jsonl")
-    bar = _progress(len(pending), grid_name, progress)
+    failed = results.with_name(results.stem + ".failed.jsonl")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pending), unit="run", disable=not progress, file=sys.stderr)
     try:
         for chunk in chunks:
-            s0 = chunk[0]
-            bar.set_description(
-                f"{grid_name or 'grid'} {s0.get('method')}@{s0.get('budget')}"
-                + (f" x{len(chunk)}" if len(chunk) > 1 else f" s{s0.get('seed')}")
-            )
-            t0 = time.perf_counter()
+            bar.set_description(f"{grid_name or 'grid'} {chunk[0].method}@{chunk[0].budget}")
             try:
-                outs = list(run_batch(chunk)) if run_batch is not None else [run_fn(chunk[0])]
-                if len(outs) != len(chunk):
-                    raise RuntimeError(
-                        f"run function returned {len(outs)} rows for {len(chunk)} runs"
-                    )
+                outs = list(trainer(chunk))
             except KeyboardInterrupt:
                 raise
             except Exception as e:
                 counts["failed"] += len(chunk)
                 if not keep_going:
                     raise
-                for spec in chunk:
+                for run in chunk:
                     append_row(
-                        failed_path,
-                        {
-                            "run_id": spec["run_id"],
-                            "spec": spec,
-                            "error": repr(e),
-                            "time": time.time(),
-                            "traceback": traceback.format_exc(),
-                        },
-                    )
-                print(f"{len(chunk)} run(s) from {s0['run_id']} failed: {e!r}", file=sys.stderr)
+                        failed,
+                        {"run_id": run.run_id(), **run.as_dict(), "error": repr(e),
+                         "traceback": traceback.format_exc()},
+                    )  # fmt: skip
                 bar.update(len(chunk))
                 continue
-            wall = (time.perf_counter() - t0) / len(chunk)
-            for spec, out in zip(chunk, outs, strict=True):
-                row = _finalize_row(spec, dict(out), grid_name, wall)
-                append_row(results, row)
-                counts["ran"] += 1
-            acc = row.get("test_acc")
-            if isinstance(acc, (int, float)):
-                bar.set_postfix_str(f"test_acc={acc:.4f}")
+            for run, row in outs:
+                row.grid, row.paper_dataset = grid_name, paper_dataset
+                row.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                if row.diverged:
+                    counts["failed"] += 1
+                    append_row(failed, {**row.to_json(run), "error": "every lr diverged"})
+                else:
+                    append_row(results, row.to_json(run))
+                    counts["ran"] += 1
             bar.update(len(chunk))
     finally:
         bar.close()
     return counts
 
 
-def batches(
-    specs: Sequence[RunSpec], key: Callable[[RunSpec], Any], size: int
-) -> list[list[RunSpec]]:
-    """Group specs by ``key`` (first-appearance order), then split into chunks of <= size.
+class Runner:
+    """The grid's :data:`Trainer`: loads each dataset and teacher once, fills in the
+    teacher file of every run, and trains a stack with :func:`engine.train`."""
 
-    >>> [[s["i"] for s in b] for b in batches([{"i": i, "k": i % 2} for i in range(5)],
-    ...                                     lambda s: s["k"], 2)]
-    [[0, 2], [4], [1, 3]]
-    """
-    groups: dict[Any, list[RunSpec]] = {}
-    for s in specs:
-        groups.setdefault(key(s), []).append(s)
-    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
-
-
-def _finalize_row(
-    spec: RunSpec, out: Mapping[str, Any], grid_name: str | None, wall: float
-) -> dict[str, Any]:
-    row = dict(out)
-    for key in (
-        "dataset",
-        "teacher_arch",
-        "student_arch",
-        "method",
-        "budget",
-        "seed",
-        "preset",
-        "teacher_view",
-        "lr",
-        "paper_dataset",
-        "teacher",
-        "max_epochs",
-        "patience",
-    ):
-        if key in spec and row.get(key) is None:
-            row[key] = spec[key]
-    row["run_id"] = spec["run_id"]
-    if grid_name:
-        row.setdefault("grid", grid_name)
-    row.setdefault("wall_s", round(wall, 3))
-    row.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return row
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_description(self, s: str) -> None: ...
-    def set_postfix_str(self, s: str) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, name: str | None, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    return tqdm(
-        total=total,
-        desc=name or "grid",
-        unit="run",
-        dynamic_ncols=True,
-        file=sys.stderr,
-        smoothing=0.1,
-    )
-
-
-def load_run_fn(ref: str) -> RunFn:
-    """``"package.module:function"`` -> the function (used by ``--run-fn`` for tests)."""
-    mod, _, attr = ref.partition(":")
-    if not attr:
-        raise ValueError(f"--run-fn needs 'module:function', got {ref!r}")
-    return getattr(importlib.import_module(mod), attr)
-
-
-# --------------------------------------------------------------------------- real runs
-
-
-class StudentRunner:
-    """The default run function: trains/loads teachers and runs ``students.run_student``.
-
-    Datasets and teachers are loaded once and reused across runs (specs are
-    ordered teacher-major by :func:`expand`).
-    """
-
-    def __init__(
-        self,
-        cfg: Mapping[str, Any],
-        *,
-        device: str = "auto",
-        data_dir: str | None = None,
-        progress: bool = False,
-    ) -> None:
+    def __init__(self, cfg: Mapping[str, Any], *, log: Callable[[str], None] | None = None):
         self.cfg = cfg
-        self.device = device
-        self.data_dir = data_dir
-        self.progress = progress
-        self.teachers_dir = Path(cfg.get("teachers_dir", "runs/teachers"))
-        self._datasets: dict[tuple[str, int], Any] = {}
-        self._teachers: dict[str, Any] = {}
+        self.log = log
+        self._dataset: tuple[tuple[str, str | None], Any] | None = None
+        self._teacher: tuple[Path, Any] | None = None
 
-    def dataset(self, name: str, seed: int = 0) -> Any:
-        from reference_experiments import data
+    def dataset(self, run: RunConfig) -> Any:
+        from .data import load_dataset
 
-        key = (name, seed)
-        if key not in self._datasets:
-            self._datasets.clear()  # hold one dataset at a time
-            self._datasets[key] = data.load_dataset(name, self.data_dir, seed=seed)
-        return self._datasets[key]
+        key = (run.dataset, run.data_dir)
+        if self._dataset is None or self._dataset[0] != key:
+            self._dataset = (key, load_dataset(run.dataset, run.data_dir))
+        return self._dataset[1]
 
-    def teacher_path(self, spec: RunSpec) -> Path:
-        """The teacher's safetensors; trained (once, shared across configs) when missing.
+    def __call__(self, chunk: Sequence[RunConfig]) -> list[tuple[RunConfig, ResultRow]]:
+        from . import engine, methods
+        from .devices import resolve_device
+        from .teacher import load_teacher
 
-        Trained teachers live in ``teachers_dir/<arch>_<hash of identity>/`` so that
-        teachers differing in anything (epochs, seed, lr, dataset) never collide.
-        """
-        if spec.get("teacher_path"):
-            return Path(spec["teacher_path"])
-        t = self.cfg["teachers"][spec["teacher"]]
-        if "path" in t:
-            return Path(t["path"])
-        from reference_experiments import teacher
+        run = chunk[0]
+        ds = self.dataset(run)
+        teacher = None
+        if methods.get(run.method).uses_teacher or run.teacher:
+            path = Path(run.teacher) if run.teacher else None
+            if path is None:
+                teachers = Teachers(self.cfg, device=run.device, data_dir=run.data_dir)
+                path = teachers.path(run, ds)
+            if self._teacher is None or self._teacher[0] != path:
+                self._teacher = (path, load_teacher(path, resolve_device(run.device)))
+            teacher = self._teacher[1]
+            chunk = [replace(r, teacher=str(path)) for r in chunk]
+        return engine.train(chunk, dataset=ds, teacher=teacher, log=self.log)
 
-        ident = spec["teacher_id"]
-        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
-        out_dir = self.teachers_dir / f"{ident['arch']}_{digest}"
-        ds = self.dataset(ident["dataset"])
-        path = out_dir / (
-            teacher.teacher_name(ident["arch"], ds, ident["epochs"], ident["seed"]) + ".safetensors"
-        )
-        if not path.exists():
-            print(f"training teacher {spec['teacher']} ({ident}) -> {out_dir}", file=sys.stderr)
-            kw = {k: ident[k] for k in ("lr", "batch_size") if k in ident}
-            path = Path(
-                teacher.train_teacher(
-                    ident["arch"],
-                    ds,
-                    epochs=ident["epochs"],
-                    seed=ident["seed"],
-                    out_dir=out_dir,
-                    device=self.device,
-                    progress=self.progress,
-                    **kw,
-                )
-            )
-        return path
 
-    def teacher(self, spec: RunSpec) -> tuple[Path, Any]:
-        """(path, (model, metadata)), loaded once and reused while the teacher is the same."""
-        from reference_experiments import teacher
-
-        path = self.teacher_path(spec)
-        key = str(path)
-        if key not in self._teachers:
-            self._teachers.clear()
-            self._teachers[key] = teacher.load_teacher(path, self.device)
-        return path, self._teachers[key]
-
-    def config(self, spec: RunSpec, teacher_path: Path | None) -> Any:
-        """The ``StudentConfig`` of a spec (spec keys it does not know are left out)."""
-        import dataclasses
-
-        from reference_experiments.students import StudentConfig
-
-        names = {f.name for f in dataclasses.fields(StudentConfig)}
-        values = {
-            k: v
-            for k, v in spec.items()
-            if k in names and k not in ("teacher", "device", "data_dir") and v is not None
-        }
-        values["teacher"] = str(teacher_path) if teacher_path else None
-        values["device"] = self.device
-        values["data_dir"] = self.data_dir
-        return StudentConfig(**values)
-
-    def __call__(self, spec: RunSpec) -> Mapping[str, Any]:
-        from reference_experiments.students import run_student
-
-        ds = self.dataset(spec["dataset"])
-        if spec["method"] == "ce":  # CE-only never calls the teacher: don't train one for it
-            path = self.teacher_path(spec) if self._teacher_available(spec) else None
-            model = self._teachers.get(str(path)) if path else None
-        else:
-            path, model = self.teacher(spec)
-        return run_student(self.config(spec, path), dataset=ds, teacher=model)
-
-    #: spec keys that must agree for runs to share one stacked step
-    STACK_KEYS = (
-        "dataset",
-        "teacher_id",
-        "student_arch",
-        "method",
-        "budget",
-        "preset",
-        "teacher_view",
-        "batch_size",
-        "max_epochs",
-        "patience",
-    )
-
-    def batch_key(self, spec: RunSpec) -> str:
-        return json.dumps([spec.get(k) for k in self.STACK_KEYS], sort_keys=True, default=str)
-
-    def run_batch(self, specs: Sequence[RunSpec]) -> list[Mapping[str, Any]]:
-        """Several runs (same :meth:`batch_key`) through ``students.run_students``, which
-        stacks compatible runs (seeds, lrs) into one ``torch.func.vmap`` step."""
-        from reference_experiments.students import run_students
-
-        spec = specs[0]
-        ds = self.dataset(spec["dataset"])
-        if spec["method"] == "ce":
-            path = self.teacher_path(spec) if self._teacher_available(spec) else None
-            model = self._teachers.get(str(path)) if path else None
-        else:
-            path, model = self.teacher(spec)
-        return run_students([self.config(s, path) for s in specs], dataset=ds, teacher=model)
-
-    def _teacher_available(self, spec: RunSpec) -> bool:
-        if spec.get("teacher_path"):
-            return Path(spec["teacher_path"]).exists()
-        if spec.get("teacher") not in self.cfg["teachers"]:
-            return False
-        t = self.cfg["teachers"][spec["teacher"]]
-        return "path" in t and Path(t["path"]).exists()
+def with_overrides(runs: Sequence[RunConfig], **values: Any) -> list[RunConfig]:
+    """The runs with fields replaced (``None`` values ignored), e.g. ``device``."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return [replace(r, **given).validate() for r in runs]

@@ -35,24 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import augment, preprocess_eval
-from .data import DATASET_NAMES, ImageDataset, atomic_write_bytes, load_dataset
+from .data import DATASET_NAMES, ImageDataset, load_dataset
+from .devices import autocast as _autocast
+from .devices import resolve_device as _resolve_device
 from .models import MODEL_NAMES, create_model
+from .rows import atomic_write_bytes
 
 __all__ = ["evaluate", "load_teacher", "main", "teacher_name", "train_teacher"]
 
 FORMAT_VERSION = 1
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-    )
 
 
 def teacher_name(arch: str, dataset: ImageDataset, epochs: int, seed: int) -> str:

@@ -1,0 +1,175 @@
+"""Result rows and the package's only writer: :class:`ResultRow`, JSONL read/append,
+:func:`atomic_write_bytes`.
+
+A results file holds one JSON object per *finished* run: the run's
+:class:`~reference_experiments.config.RunConfig` fields followed by the
+:class:`ResultRow` fields. Each append rewrites the whole file to a temporary
+file, ``fsync`` and ``os.replace``, under an exclusive ``flock`` on
+``<results>.lock``: a ``kill -9`` at any moment leaves the old or the new
+file, never a partial row, and a ``run_id`` is never written twice (several
+processes may share one file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no cross-process lock
+    fcntl = None  # type: ignore[assignment]  # (the module is optional there)
+
+__all__ = ["ResultRow", "append_row", "atomic_write_bytes", "finished_ids", "read_rows"]
+
+
+@dataclass
+class ResultRow:
+    """What one run produced (its config travels beside it, see :meth:`to_json`).
+
+    Accuracies are fractions in [0, 1]; ``test_acc`` is the best-validation
+    checkpoint's, of the lr chosen on validation (``lr_used``). ``flat_dims``:
+    directions holding 90% of the within-class variance of the student's
+    penultimate features on test images (Fig. 5); ``spectrum``: the normalised
+    singular values behind it.
+    """
+
+    run_id: str
+    teacher_calls: int
+    new_teacher_calls: int
+    lr_used: float
+    lrs_tried: list[float]
+    lrs_diverged: list[float]
+    best_val_acc: float
+    test_acc: float
+    best_epoch: int
+    epochs: int
+    epoch_cap: int
+    phases_reached: int
+    steps: int
+    total_steps: int
+    n_train: int
+    n_val: int
+    train_images_per_s: float
+    stack_images_per_s: float
+    stacked_runs: int
+    wall_s: float
+    device: str
+    teacher_test_acc: float | None = None
+    flat_dims: int | None = None
+    spectrum: list[float] = field(default_factory=list)
+    grid: str | None = None
+    paper_dataset: str | None = None
+    finished_at: str | None = None
+
+    @property
+    def diverged(self) -> bool:
+        """Every candidate lr diverged: the row has no accuracy."""
+        return not math.isfinite(self.test_acc)
+
+    def to_json(self, config: Any) -> dict[str, Any]:
+        """One results-file object: ``config.as_dict()`` then the row's fields."""
+        return {**config.as_dict(), **asdict(self)}
+
+    @classmethod
+    def split(cls, obj: Mapping[str, Any]) -> tuple[dict[str, Any], ResultRow]:
+        """A results-file object -> (config fields, row)."""
+        names = {f.name for f in fields(cls)}
+        row = cls(**{k: v for k, v in obj.items() if k in names})
+        return {k: v for k, v in obj.items() if k not in names}, row
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically: temporary file, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All objects of a JSONL results file; a malformed line is skipped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"warning: {path}:{lineno}: malformed row skipped", file=sys.stderr)
+    return out
+
+
+def finished_ids(path: str | os.PathLike[str]) -> set[str]:
+    """The ``run_id`` of every row in ``path``."""
+    return {r["run_id"] for r in read_rows(path) if "run_id" in r}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def append_row(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> bool:
+    """Atomically adds ``obj`` unless an object with its ``run_id`` is there.
+
+    Returns whether it was written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(dict(obj), sort_keys=True, default=_json_default) + "\n"
+    with _locked(path):
+        old = path.read_bytes() if path.exists() else b""
+        rid = obj.get("run_id")
+        if rid is not None:
+            for raw in old.splitlines():
+                with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                    if json.loads(raw).get("run_id") == rid:
+                        return False
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        atomic_write_bytes(path, old + line.encode("utf-8"))
+    return True
