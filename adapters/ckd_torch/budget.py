@@ -21,7 +21,12 @@ __all__ = ["TorchTeacherBudget"]
 TorchOutputs = torch.Tensor | dict[str, torch.Tensor]
 
 
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"the torch teacher must return a tensor, or a dict of tensors; {name} is a "
+            f"{type(x).__name__}."
+        )
     if x.dtype == torch.bfloat16:  # NumPy has no bfloat16
         x = x.float()
     return x.detach().cpu().numpy()
@@ -36,6 +41,11 @@ class TorchTeacherBudget(TeacherBudget):
         device: where the teacher runs (inputs are moved there).
         preprocess: optional ``fn(batch_tensor) -> batch_tensor`` on ``device``.
         batch_size, metadata: as :class:`ckd_core.TeacherBudget`.
+
+    It keeps no counting state of its own: budget checks, the cache and the
+    counters are the core object's, so it is thread-safe in the same way
+    (see :class:`ckd_core.TeacherBudget`, *Threads*: teacher calls are
+    serialised, cached queries never wait for them).
 
     Example:
         >>> import torch
@@ -70,8 +80,8 @@ class TorchTeacherBudget(TeacherBudget):
             x = self.preprocess(x)
         out = self.torch_teacher(x)
         if isinstance(out, Mapping):
-            return {k: _to_numpy(v) for k, v in out.items()}
-        return _to_numpy(out)
+            return {k: _to_numpy(v, f"output {k!r}") for k, v in out.items()}
+        return _to_numpy(out, "its output")
 
     def query_tensors(
         self, ids: Any, inputs: Any = None, device: str | torch.device | None = None

@@ -6,7 +6,8 @@ gets a fixed budget of calls. :class:`TeacherBudget` wraps any teacher
 callable, caches its outputs by sample id, counts distinct calls and refuses
 (raises :class:`TeacherBudgetExceeded`) *before* a call would exceed the
 budget. The cache can be saved and reloaded, so that a rerun of an
-experiment makes zero new teacher calls.
+experiment makes zero new teacher calls. One object may be shared by
+several threads (see :class:`TeacherBudget`, *Threads*).
 
 It is framework-agnostic: inputs and outputs cross the boundary as NumPy
 arrays (the teacher callable converts them to and from its framework).
@@ -33,8 +34,10 @@ Example:
 from __future__ import annotations
 
 import json
+import operator
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,6 +49,9 @@ Outputs = np.ndarray | dict[str, np.ndarray]
 # Key used when the teacher returns a bare array instead of a dict.
 _ARRAY_KEY = "__output__"
 _IDS_KEY = "__ids__"
+_META_KEY = "__meta__"  # npz only: the JSON metadata
+#: Output names a teacher may not use: they name the cache file's own entries.
+RESERVED_KEYS = (_IDS_KEY, _META_KEY, _ARRAY_KEY)
 _FORMAT_VERSION = "1"
 
 
@@ -69,8 +75,29 @@ def _as_ids(ids: Any) -> np.ndarray:
     if arr.ndim != 1:
         arr = arr.reshape(-1)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"sample ids must be integers, got dtype {arr.dtype}.")
+        raise TypeError(f"ids must be integer sample ids, got an array of dtype {arr.dtype}.")
     return arr.astype(np.int64, copy=False)
+
+
+def _distinct(ids: np.ndarray) -> list[int]:
+    """Distinct ids in first-seen order."""
+    return list(dict.fromkeys(ids.tolist()))
+
+
+def _count_arg(name: str, value: Any, *, minimum: int, allowed: str = "") -> int:
+    """``value`` as an int >= ``minimum``; a TypeError/ValueError naming ``name`` otherwise."""
+    allowed = allowed or f"an integer >= {minimum}"
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be {allowed}, got the bool {value!r}.")
+    try:
+        number = operator.index(value)  # int and NumPy integers, never floats
+    except TypeError:
+        raise TypeError(
+            f"{name} must be {allowed}, got {value!r} ({type(value).__name__})."
+        ) from None
+    if number < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {number}.")
+    return number
 
 
 class TeacherBudget:
@@ -79,20 +106,51 @@ class TeacherBudget:
     Args:
         teacher: ``fn(batch_inputs) -> outputs``; ``outputs`` is an array with
             one row per input, or a dict of such arrays (e.g. logits plus the
-            features white-box methods need). It is only ever called on
-            batches of ids that are not cached yet.
-        budget: maximum number of distinct sample ids the teacher may see
-            (``None``: unlimited, still counted).
-        batch_size: rows per teacher call (never one image at a time).
+            features white-box methods need) whose names are strings other
+            than ``__ids__``, ``__meta__`` and ``__output__`` (the cache
+            file's own entries). It is only ever called on batches of ids
+            that are not cached yet. ``None``: a cache-only object.
+        budget: maximum number of distinct sample ids the teacher may see,
+            an integer >= 0 (``None``: unlimited, still counted).
+        batch_size: rows per teacher call (never one image at a time), an
+            integer >= 1.
         metadata: JSON-able dict describing what the cache holds (teacher,
             dataset, view...). Saved with the cache; :meth:`load` refuses a
             file whose metadata differs.
 
-    Counters: ``used`` is the number of distinct ids whose outputs are
-    cached, i.e. teacher calls spent by this experiment (including calls
-    recorded in a loaded cache); ``new_calls`` counts the ids this object
-    actually sent to the teacher; ``num_batches`` counts invocations of
-    ``teacher``.
+    Counters: ``used`` is the number of distinct ids the teacher has been
+    charged for, i.e. teacher calls spent by this experiment (including
+    calls recorded in a loaded cache, and calls whose outputs were refused,
+    see below); ``new_calls`` counts the ids this object actually sent to
+    the teacher; ``num_batches`` counts invocations of ``teacher``;
+    ``len(obj)`` and ``id in obj`` count and test the *cached* ids.
+
+    Failed calls: once a batch has been passed to ``teacher`` the call is
+    spent, even if the teacher raises or returns outputs that are refused
+    (wrong number of rows, reserved or changed names...): those ids stay
+    charged to ``used`` without being cached, and a later query of them
+    sends them again without charging them a second time (``used`` counts
+    *distinct* ids the teacher saw). An ``inputs`` loader that fails before
+    the teacher is called charges nothing.
+
+    Threads:
+        An object can be shared by threads (e.g. data-loader workers). All
+        state is guarded by locks, with this design: a query whose ids are
+        all cached only takes a short state lock, so it never waits for a
+        teacher call. A query that needs the teacher holds a *call lock* for
+        its whole check-call-store sequence: under it, it recomputes which
+        ids are missing (another thread may just have cached them), checks
+        the budget, calls the teacher batch by batch and stores each batch's
+        outputs with their own ids. So teacher calls are serialised (one
+        batch at a time, as one teacher on one device runs anyway), a budget
+        check can never be overtaken by another thread's calls (the budget is
+        never exceeded, even transiently), an id is never sent twice by two
+        racing threads, and outputs are always stored and returned under
+        their own id. :meth:`load` takes the same call lock. The teacher and
+        the ``inputs`` loader run under the call lock: they may read this
+        object (``in``, ``used``, cached :meth:`query`), but a query from
+        them that needs the teacher raises ``RuntimeError``, and they must
+        not wait on another thread that queries uncached ids (deadlock).
     """
 
     def __init__(
@@ -103,15 +161,36 @@ class TeacherBudget:
         batch_size: int = 256,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        if budget is not None and budget < 0:
-            raise ValueError(f"budget must be >= 0 or None, got {budget}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if teacher is not None and not callable(teacher):
+            raise TypeError(
+                f"teacher must be a callable fn(batch_inputs) -> outputs, or None (cache only); "
+                f"got {type(teacher).__name__}."
+            )
+        self.budget = (
+            None
+            if budget is None
+            else _count_arg("budget", budget, minimum=0, allowed="an integer >= 0 or None")
+        )
+        self.batch_size = _count_arg("batch_size", batch_size, minimum=1)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(
+                f"metadata must be a JSON-able dict or None, got {type(metadata).__name__}."
+            )
+        try:
+            json.dumps(dict(metadata or {}), sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"metadata must be a JSON-able dict: {exc}.") from None
         self.teacher = teacher
-        self.budget = None if budget is None else int(budget)
-        self.batch_size = int(batch_size)
         self.metadata = dict(metadata or {})
-        self._row: dict[int, int] = {}  # sample id -> row in the storage
+        # _state_lock guards every field below (short critical sections only);
+        # _call_lock serialises check-call-store and load (see "Threads").
+        # Lock order: _call_lock, then _state_lock.
+        self._state_lock = threading.RLock()
+        self._call_lock = threading.Lock()
+        self._call_owner: int | None = None  # thread holding _call_lock
+        self._row: dict[int, int] = {}  # cached sample id -> row in the storage
+        self._spent: set[int] = set()  # ids sent to the teacher, outputs refused
+        self._nrows = 0  # rows stored (== len(self._row))
         self._chunks: list[dict[str, np.ndarray]] = []
         self._store: dict[str, np.ndarray] | None = None  # consolidated rows
         self._array_output: bool | None = None
@@ -121,8 +200,9 @@ class TeacherBudget:
     # ------------------------------------------------------------------ counters
     @property
     def used(self) -> int:
-        """Distinct ids cached (teacher calls spent)."""
-        return len(self._row)
+        """Distinct ids charged: cached, plus sent whose outputs were refused."""
+        with self._state_lock:
+            return len(self._row) + len(self._spent)
 
     @property
     def remaining(self) -> int | None:
@@ -131,13 +211,17 @@ class TeacherBudget:
     @property
     def ids(self) -> np.ndarray:
         """Cached sample ids, in the order they were first queried."""
-        return np.fromiter(self._row.keys(), dtype=np.int64, count=len(self._row))
+        with self._state_lock:
+            return self._ids_by_row()
 
     def __contains__(self, sample_id: int) -> bool:
-        return int(sample_id) in self._row
+        with self._state_lock:
+            return int(sample_id) in self._row
 
     def __len__(self) -> int:
-        return self.used
+        """Number of cached ids (``used`` also counts refused calls)."""
+        with self._state_lock:
+            return len(self._row)
 
     def __repr__(self) -> str:
         return (
@@ -146,23 +230,25 @@ class TeacherBudget:
         )
 
     def keys(self) -> list[str]:
-        store = self._storage()
-        return [] if store is None else sorted(store)
+        with self._state_lock:
+            store = self._storage()
+            return [] if store is None else sorted(store)
 
     # ------------------------------------------------------------------ queries
     def missing(self, ids: Any) -> np.ndarray:
         """Distinct ids among ``ids`` not cached yet (first-seen order)."""
-        ids = _as_ids(ids)
-        _, first = np.unique(ids, return_index=True)
-        distinct = ids[np.sort(first)]
-        return np.array([i for i in distinct.tolist() if i not in self._row], dtype=np.int64)
+        distinct = _distinct(_as_ids(ids))
+        with self._state_lock:
+            return np.array([i for i in distinct if i not in self._row], dtype=np.int64)
 
     def check(self, ids: Any) -> int:
-        """Number of new calls ``query(ids)`` would make; raises if over budget."""
-        new = len(self.missing(ids))
-        if self.budget is not None and self.used + new > self.budget:
-            raise TeacherBudgetExceeded(self.budget, self.used, new)
-        return new
+        """Number of new calls ``query(ids)`` would charge; raises if over budget.
+
+        (A snapshot: with other threads querying, the answer may change.)
+        """
+        distinct = _distinct(_as_ids(ids))
+        with self._state_lock:
+            return self._check_budget(distinct)
 
     def query(self, ids: Any, inputs: Any = None) -> Outputs:
         """Teacher outputs for ``ids`` (rows in the order of ``ids``).
@@ -177,22 +263,73 @@ class TeacherBudget:
         Raises:
             TeacherBudgetExceeded: before any teacher call, when the new
                 distinct ids would take ``used`` past ``budget``.
+            ValueError: the teacher's outputs are refused (wrong number of
+                rows, reserved or changed names); the call is still charged.
         """
         ids = _as_ids(ids)
-        missing = self.missing(ids)
-        if len(missing):
-            if self.budget is not None and self.used + len(missing) > self.budget:
-                raise TeacherBudgetExceeded(self.budget, self.used, len(missing))
-            if inputs is None:
-                raise ValueError(f"{len(missing)} ids are not cached and no inputs were given.")
-            if self.teacher is None:
-                raise RuntimeError("this TeacherBudget has no teacher (cache-only).")
-            self._call_teacher(missing, ids, inputs)
-        return self.get(ids)
+        distinct = _distinct(ids)
+        with self._state_lock:
+            if all(i in self._row for i in distinct):
+                return self._get(ids)
+        if self._call_owner == threading.get_ident():
+            raise RuntimeError(
+                "TeacherBudget.query of uncached ids from inside this object's own teacher "
+                "or inputs loader (only cached ids may be queried there)."
+            )
+        with self._call_lock:
+            self._call_owner = threading.get_ident()
+            try:
+                with self._state_lock:
+                    # recomputed under the call lock: another thread may have cached some
+                    missing = [i for i in distinct if i not in self._row]
+                    if missing:
+                        self._check_budget(missing)
+                if missing:
+                    if inputs is None:
+                        raise ValueError(
+                            f"{len(missing)} ids are not cached (e.g. {missing[:5]}) and no "
+                            "inputs were given: pass inputs= (an array aligned with ids, or a "
+                            "loader fn(missing_ids) -> batch inputs)."
+                        )
+                    if self.teacher is None:
+                        raise RuntimeError(
+                            f"{len(missing)} ids are not cached (e.g. {missing[:5]}) and this "
+                            "TeacherBudget has no teacher (teacher=None: cache only)."
+                        )
+                    self._call_teacher(np.array(missing, dtype=np.int64), ids, inputs)
+            finally:
+                self._call_owner = None
+        with self._state_lock:
+            return self._get(ids)
 
     def get(self, ids: Any) -> Outputs:
         """Cached outputs for ``ids``; ``KeyError`` if any is not cached."""
         ids = _as_ids(ids)
+        with self._state_lock:
+            return self._get(ids)
+
+    def all(self) -> tuple[np.ndarray, Outputs]:
+        """``(ids, outputs)`` for everything cached."""
+        with self._state_lock:
+            ids = self._ids_by_row()
+            return ids, self._get(ids)
+
+    # ------------------------------------------------------------------ internals
+    # (the helpers below expect _state_lock to be held by the caller)
+    def _ids_by_row(self) -> np.ndarray:
+        out = np.empty(self._nrows, dtype=np.int64)
+        for i, row in self._row.items():
+            out[row] = i
+        return out
+
+    def _check_budget(self, distinct: list[int]) -> int:
+        """New ids among ``distinct`` to charge; raises if they do not fit."""
+        new = sum(1 for i in distinct if i not in self._row and i not in self._spent)
+        if self.budget is not None and self.used + new > self.budget:
+            raise TeacherBudgetExceeded(self.budget, self.used, new)
+        return new
+
+    def _get(self, ids: np.ndarray) -> Outputs:
         try:
             rows = np.fromiter((self._row[i] for i in ids.tolist()), np.int64, count=len(ids))
         except KeyError as exc:
@@ -203,13 +340,7 @@ class TeacherBudget:
         out = {k: v[rows] for k, v in store.items()}
         return out[_ARRAY_KEY] if self._array_output else out
 
-    def all(self) -> tuple[np.ndarray, Outputs]:
-        """``(ids, outputs)`` for everything cached."""
-        ids = self.ids
-        return ids, self.get(ids)
-
-    # ------------------------------------------------------------------ internals
-    def _inputs_for(self, missing: np.ndarray, ids: np.ndarray, inputs: Any) -> Callable:
+    def _inputs_for(self, ids: np.ndarray, inputs: Any) -> Callable:
         if callable(inputs):
             return inputs
         position: dict[int, int] = {}
@@ -228,36 +359,94 @@ class TeacherBudget:
         return take
 
     def _call_teacher(self, missing: np.ndarray, ids: np.ndarray, inputs: Any) -> None:
-        load = self._inputs_for(missing, ids, inputs)
+        """Called with _call_lock held (and _state_lock not held)."""
+        load = self._inputs_for(ids, inputs)
         for start in range(0, len(missing), self.batch_size):
             batch_ids = missing[start : start + self.batch_size]
-            outputs = self.teacher(load(batch_ids))  # type: ignore[misc]
-            self.num_batches += 1
-            self._add(batch_ids, outputs)
-            self.new_calls += len(batch_ids)
+            batch = load(batch_ids)  # a failing loader charges nothing
+            try:
+                outputs = self.teacher(batch)  # type: ignore[misc]
+                chunk, is_array = self._validate(batch_ids, outputs)
+            except BaseException:
+                with self._state_lock:  # the teacher saw the batch: charged, not cached
+                    self._spent.update(batch_ids.tolist())
+                    self.num_batches += 1
+                    self.new_calls += len(batch_ids)
+                raise
+            with self._state_lock:
+                self.num_batches += 1
+                self.new_calls += len(batch_ids)
+                try:
+                    self._append(batch_ids, chunk, is_array)
+                except BaseException:
+                    self._spent.update(batch_ids.tolist())
+                    raise
 
-    def _add(self, batch_ids: np.ndarray, outputs: Outputs, is_array: bool | None = None) -> None:
-        if is_array is None:
-            is_array = not isinstance(outputs, Mapping)
+    def _validate(self, batch_ids: np.ndarray, outputs: Any) -> tuple[dict[str, np.ndarray], bool]:
+        """The outputs of one teacher call as a chunk of rows; raises if refused."""
+        is_array = not isinstance(outputs, Mapping)
+        if is_array:
+            chunk = {_ARRAY_KEY: np.asarray(outputs)}
         else:
-            outputs = outputs[_ARRAY_KEY] if is_array else outputs  # type: ignore[index]
-        if self._array_output is None:
-            self._array_output = is_array
-        elif self._array_output != is_array:
-            raise TypeError("the teacher must always return an array, or always a dict.")
-        chunk = {_ARRAY_KEY: outputs} if is_array else dict(outputs)
-        chunk = {k: np.asarray(v) for k, v in chunk.items()}
-        for k, v in chunk.items():
-            if v.ndim == 0 or v.shape[0] != len(batch_ids):
+            if not outputs:
                 raise ValueError(
-                    f"teacher output {k!r} has shape {v.shape}; expected {len(batch_ids)} rows."
+                    "the teacher returned an empty dict; it must return an array, or a dict of "
+                    "arrays, with one row per input."
                 )
+            chunk = {}
+            for k, v in outputs.items():
+                if not isinstance(k, str):
+                    raise TypeError(
+                        f"teacher output names must be strings, got {k!r} ({type(k).__name__})."
+                    )
+                if k in RESERVED_KEYS:
+                    raise ValueError(
+                        f"the teacher returned an output named {k!r}, a reserved name (the "
+                        f"cache file's own entries are {', '.join(RESERVED_KEYS)}); rename it."
+                    )
+                chunk[k] = np.asarray(v)
+        expected = len(batch_ids)
+        for k, v in chunk.items():
+            name = "the teacher's output" if is_array else f"teacher output {k!r}"
+            if v.dtype == object:
+                raise ValueError(
+                    f"{name} has dtype object; it must be a numeric (or bool) array, which the "
+                    "cache can store without pickling."
+                )
+            if v.ndim == 0 or v.shape[0] != expected:
+                got = "a scalar" if v.ndim == 0 else f"{v.shape[0]} rows"
+                raise ValueError(
+                    f"{name} has shape {v.shape}: expected {expected} rows (one per input of "
+                    f"the batch), got {got}."
+                )
+        return chunk, is_array
+
+    def _append(self, batch_ids: np.ndarray, chunk: dict[str, np.ndarray], is_array: bool) -> None:
+        """Stores validated rows (with _state_lock held); raises before any change."""
+        if self._array_output is not None and self._array_output != is_array:
+            before, now = ("an array", "a dict") if self._array_output else ("a dict", "an array")
+            raise TypeError(
+                f"the teacher must always return an array, or always a dict: it returned "
+                f"{before} before and {now} now."
+            )
         known = self._storage()
         if known is not None and set(known) != set(chunk):
             raise ValueError(f"teacher output keys changed: {sorted(known)} -> {sorted(chunk)}.")
-        base = self.used
+        if known is not None:
+            for k, v in chunk.items():
+                if v.shape[1:] != known[k].shape[1:]:
+                    raise ValueError(
+                        f"teacher output {k!r} changed shape: rows of shape {known[k].shape[1:]} "
+                        f"before, {v.shape[1:]} now."
+                    )
+        dup = [i for i in batch_ids.tolist() if i in self._row]
+        if dup or len(set(batch_ids.tolist())) != len(batch_ids):
+            raise RuntimeError(f"internal error: ids {dup or batch_ids} stored twice.")
+        self._array_output = is_array
         for offset, i in enumerate(batch_ids.tolist()):
-            self._row[i] = base + offset
+            self._row[i] = self._nrows + offset
+            self._spent.discard(i)
+        self._nrows += len(batch_ids)
         self._chunks.append(chunk)
 
     def _storage(self) -> dict[str, np.ndarray] | None:
@@ -274,13 +463,15 @@ class TeacherBudget:
         ``.safetensors`` (needs the ``safetensors`` package) or ``.npz``.
         """
         path = os.fspath(path)
-        store = self._storage() or {}
-        tensors = {k: np.ascontiguousarray(v) for k, v in store.items()}
-        tensors[_IDS_KEY] = self.ids
+        with self._state_lock:  # a consistent snapshot; written outside the lock
+            store = self._storage() or {}
+            tensors = {k: np.ascontiguousarray(v) for k, v in store.items()}
+            tensors[_IDS_KEY] = self._ids_by_row()
+            array_output = self._array_output
         meta = {
             "format": _FORMAT_VERSION,
             "budget": "null" if self.budget is None else str(self.budget),
-            "array_output": json.dumps(self._array_output),
+            "array_output": json.dumps(array_output),
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
         directory = os.path.dirname(os.path.abspath(path))
@@ -294,7 +485,7 @@ class TeacherBudget:
                 save_file(tensors, tmp, metadata=meta)
             else:
                 with open(tmp, "wb") as f:
-                    np.savez(f, **tensors, __meta__=np.array(json.dumps(meta)))  # type: ignore[arg-type]
+                    np.savez(f, **tensors, **{_META_KEY: np.array(json.dumps(meta))})  # type: ignore[arg-type]
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -305,23 +496,31 @@ class TeacherBudget:
         """Merges a saved cache into this one; returns the number of ids added.
 
         Loaded ids count as spent calls (``used``) but not as ``new_calls``.
-        Raises :class:`TeacherBudgetExceeded` if they do not fit the budget
-        and ``ValueError`` if the saved metadata differs from this object's.
+        Raises :class:`TeacherBudgetExceeded` if they do not fit the budget,
+        ``ValueError`` naming the file if it is not a readable TeacherBudget
+        cache (corrupted, foreign, other output names) or if the saved
+        metadata differs from this object's.
         """
-        tensors, meta = _read(os.fspath(path))
-        saved_meta = json.loads(meta.get("metadata", "{}"))
+        path = os.fspath(path)
+        tensors, meta = _read(path)
+        saved_meta = _saved_metadata(path, meta)
         if check_metadata and saved_meta != json.loads(json.dumps(self.metadata, sort_keys=True)):
-            raise ValueError(
-                f"cache {os.fspath(path)!r} was made for {saved_meta}, not {self.metadata}."
-            )
-        ids = tensors.pop(_IDS_KEY).astype(np.int64)
-        keep = np.array([i not in self._row for i in ids.tolist()], dtype=bool)
-        new = int(keep.sum())
-        if self.budget is not None and self.used + new > self.budget:
-            raise TeacherBudgetExceeded(self.budget, self.used, new)
-        if new:
-            array_output = bool(json.loads(meta.get("array_output", "null")))
-            self._add(ids[keep], {k: v[keep] for k, v in tensors.items()}, array_output)
+            raise ValueError(f"cache {path!r} was made for {saved_meta}, not {self.metadata}.")
+        ids, rows, array_output = _validated_cache(path, tensors, meta)
+        if self._call_owner == threading.get_ident():
+            raise RuntimeError("TeacherBudget.load from inside this object's own teacher/loader.")
+        with self._call_lock, self._state_lock:
+            keep = np.array([i not in self._row for i in ids.tolist()], dtype=bool)
+            self._check_budget(ids[keep].tolist())
+            new = int(keep.sum())
+            if new:
+                chunk = {k: v[keep] for k, v in rows.items()}
+                try:
+                    self._append(ids[keep], chunk, array_output)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"cache {path!r} does not fit this TeacherBudget: {exc}"
+                    ) from None
         return new
 
     @classmethod
@@ -333,10 +532,17 @@ class TeacherBudget:
         **kwargs: Any,
     ) -> TeacherBudget:
         """A budget whose cache is read from ``path`` (metadata taken from it)."""
-        _, meta = _read(os.fspath(path))
-        kwargs.setdefault("metadata", json.loads(meta.get("metadata", "{}")))
+        path = os.fspath(path)
+        _, meta = _read(path)
+        kwargs.setdefault("metadata", _saved_metadata(path, meta))
         if budget is None and meta.get("budget", "null") != "null":
-            budget = int(meta["budget"])
+            try:
+                budget = _count_arg("budget", int(meta["budget"]), minimum=0)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"cache {path!r} is corrupted: its saved budget {meta['budget']!r} is not an "
+                    "integer >= 0."
+                ) from None
         obj = cls(teacher, budget, **kwargs)
         obj.load(path)
         return obj
@@ -346,15 +552,97 @@ def _suffix(path: str) -> str:
     return ".safetensors" if path.endswith(".safetensors") else ".npz"
 
 
+def _not_a_cache(path: str, what: str) -> ValueError:
+    return ValueError(f"{path!r} is not a readable TeacherBudget cache: {what}.")
+
+
 def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and string metadata of a cache file; never unpickles."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TeacherBudget cache {path!r} does not exist (or is not a file).")
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(path, framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(path, framework="numpy") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # SafetensorError derives from Exception only
+            raise _not_a_cache(path, f"not a valid safetensors file ({exc})") from None
         return tensors, meta
-    with np.load(path, allow_pickle=False) as data:
-        tensors = {k: data[k] for k in data.files}
-    meta = json.loads(str(tensors.pop("__meta__")))
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise _not_a_cache(path, f"not a valid .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise _not_a_cache(path, "a single .npy array, not an .npz archive")
+    try:
+        with data:
+            tensors = {k: data[k] for k in data.files}
+    except Exception as exc:  # pickled (object) arrays, truncated members...
+        raise _not_a_cache(path, f"unreadable member ({type(exc).__name__}: {exc})") from None
+    raw = tensors.pop(_META_KEY, None)
+    if raw is None:
+        raise _not_a_cache(path, f"it has no {_META_KEY!r} entry (a foreign .npz?)")
+    try:
+        meta = json.loads(str(raw))
+    except ValueError as exc:
+        raise _not_a_cache(path, f"its {_META_KEY!r} entry is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _not_a_cache(path, f"its {_META_KEY!r} entry is not a dict of strings")
     return tensors, meta
+
+
+def _saved_metadata(path: str, meta: Mapping[str, str]) -> Any:
+    if meta.get("format") != _FORMAT_VERSION:
+        raise _not_a_cache(
+            path,
+            f"its format is {meta.get('format')!r}, this version reads format "
+            f"{_FORMAT_VERSION!r} (a foreign file, or one from another version?)",
+        )
+    try:
+        return json.loads(meta.get("metadata", "{}"))
+    except ValueError as exc:
+        raise _not_a_cache(path, f"its saved metadata is not valid JSON ({exc})") from None
+
+
+def _validated_cache(
+    path: str, tensors: dict[str, np.ndarray], meta: Mapping[str, str]
+) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
+    """``(ids, rows by output name, array_output)`` of a read cache; raises naming the file."""
+    tensors = dict(tensors)
+    ids = tensors.pop(_IDS_KEY, None)
+    if ids is None:
+        raise _not_a_cache(path, f"it has no {_IDS_KEY!r} entry")
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise _not_a_cache(
+            path, f"{_IDS_KEY!r} must be 1-D integers, got shape {ids.shape} dtype {ids.dtype}"
+        )
+    ids = ids.astype(np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise _not_a_cache(path, f"{_IDS_KEY!r} holds repeated ids")
+    try:
+        array_output = json.loads(meta.get("array_output", "null"))
+    except ValueError:
+        array_output = "?"
+    if array_output not in (True, False, None):
+        raise _not_a_cache(path, f"its array_output {meta.get('array_output')!r} is not a bool")
+    if len(ids) and array_output is None:
+        raise _not_a_cache(path, f"it holds {len(ids)} ids but array_output is null")
+    if array_output and set(tensors) != {_ARRAY_KEY}:
+        raise _not_a_cache(
+            path,
+            f"array_output is true but its outputs are {sorted(tensors)}, not [{_ARRAY_KEY!r}]",
+        )
+    if array_output is False and (not tensors or set(tensors) & set(RESERVED_KEYS)):
+        raise _not_a_cache(
+            path,
+            f"array_output is false but its outputs are {sorted(tensors)} (none of "
+            f"{', '.join(RESERVED_KEYS)} may be an output name)",
+        )
+    for k, v in tensors.items():
+        if v.ndim == 0 or v.shape[0] != len(ids):
+            raise _not_a_cache(
+                path, f"output {k!r} has shape {v.shape}, expected {len(ids)} rows (one per id)"
+            )
+    return ids, tensors, bool(array_output)
