@@ -18,8 +18,16 @@ import nox
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = str(ROOT / "constraints" / "ci.txt")
-LINT_PATHS = ["src", "adapters", "tests", "noxfile.py", "conftest.py"]
-TYPECHECK_PATHS = ["src", "adapters"]
+LINT_PATHS = [
+    "src",
+    "adapters",
+    "reference_experiments",
+    "benchmarks",
+    "tests",
+    "noxfile.py",
+    "conftest.py",
+]
+TYPECHECK_PATHS = ["src", "adapters", "reference_experiments", "benchmarks"]
 # Doctests in src/ and adapters/ run next to tests/; the root conftest.py
 # skips each adapter's package unless its backend is the active one.
 TEST_PATHS = ["tests", "src/ckd_core", "adapters"]
@@ -102,7 +110,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy on src/ and adapters/ (with torch installed, so the torch adapter is checked)."""
+    """mypy on src/, adapters/, reference_experiments/ and benchmarks/ (with torch
+    installed, so the torch adapter and the experiments are checked)."""
     _install(session, "-e", ".", "mypy", "torch")
     session.run("mypy", *TYPECHECK_PATHS)
 

@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "train-teacher":
         from . import teacher
 
-        return int(teacher.main(argv[1:]) or 0)
+        teacher.main(argv[1:])
+        return 0
     a = _parser().parse_args(argv)
     if a.threads:
         import torch

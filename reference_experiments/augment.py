@@ -3,8 +3,9 @@
 ``augment`` = zero-pad by ``dataset.pad`` + random ``dataset.crop`` crop + random
 horizontal flip (not for digits), then normalise; ``preprocess_eval`` = centre crop +
 normalise. Both take a uint8 ``(N, H, W, C)`` tensor on any device and return the default
-float dtype (float32 unless changed), ``(N, C, crop, crop)``: channels-last memory layout on accelerators (a permuted view of
-NHWC data), contiguous NCHW on CPU (faster for CPU convolutions).
+float dtype (float32 unless changed), ``(N, C, crop, crop)``: channels-last memory layout
+on accelerators (a permuted view of NHWC data), contiguous NCHW on CPU (faster for CPU
+convolutions).
 
 The crop, padding and flip are one gather with per-sample index arithmetic (no
 Python loop over samples, no padded copy). Random numbers (:func:`draw_crops`) are drawn on

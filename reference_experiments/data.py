@@ -235,7 +235,9 @@ def _require_files(folder: Path, names: Sequence[str], what: str, hint: str) -> 
 # ------------------------------------------------------------------------ caching
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    # allow_pickle=True is numpy's default, spelled out so that numpy's stubs do not
+    # match the ** keys against that bool parameter
+    np.savez(buffer, allow_pickle=True, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 

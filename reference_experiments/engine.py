@@ -215,7 +215,7 @@ def train(
                 method = methods.build(cfg.method, ctx)
             learner = Learner(student, method, device).to(device)
             if device.type == "cuda":
-                learner.to(memory_format=torch.channels_last)
+                learner.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
             learners.append(learner)
             trials.append((i, float(lr)))
             gens.append(torch.Generator(device=device).manual_seed(7919 * cfg.seed + 17))

@@ -105,7 +105,10 @@ def parse_config(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _teacher_key(cfg: Mapping[str, Any], key: str, dataset: str) -> str:
     """``name@hash`` of what determines a teacher: its file, or how and on what it trains."""
     t = dict(cfg["teachers"][key])
-    ident = {"arch": t["arch"], "path": str(t["path"])} if "path" in t else {**t, "dataset": dataset}
+    if "path" in t:
+        ident = {"arch": t["arch"], "path": str(t["path"])}
+    else:
+        ident = {**t, "dataset": dataset}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     return f"{key}@{digest}"
 
@@ -160,10 +163,9 @@ class Teachers:
     """Teacher files of a grid: the configured path, or trained once and reused
     (``teachers_dir/<key>/``, so teachers differing in anything never collide)."""
 
-    def __init__(self, cfg: Mapping[str, Any], *, device: str = "auto", data_dir: str | None = None):
+    def __init__(self, cfg: Mapping[str, Any], *, device: str = "auto"):
         self.cfg = cfg
         self.device = device
-        self.data_dir = data_dir
 
     def path(self, run: RunConfig, dataset: Any) -> Path:
         name = run.teacher_key.split("@")[0]
@@ -177,7 +179,7 @@ class Teachers:
         if found:
             return found[0]
         print(f"training teacher {run.teacher_key} -> {out_dir}", file=sys.stderr)
-        kw = {k: t[k] for k in ("lr", "batch_size", "recipe") if k in t}
+        kw = {k: t[k] for k in ("lr", "batch_size") if k in t}
         return train_teacher(
             t["arch"],
             dataset,
@@ -288,7 +290,7 @@ class Runner:
         if methods.get(run.method).uses_teacher or run.teacher:
             path = Path(run.teacher) if run.teacher else None
             if path is None:
-                teachers = Teachers(self.cfg, device=run.device, data_dir=run.data_dir)
+                teachers = Teachers(self.cfg, device=run.device)
                 path = teachers.path(run, ds)
             if self._teacher is None or self._teacher[0] != path:
                 self._teacher = (path, load_teacher(path, resolve_device(run.device)))

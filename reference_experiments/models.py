@@ -70,6 +70,11 @@ class _ResBlock(nn.Module):
 class CifarResNet(nn.Module):
     """RepDistiller ``ResNet(depth, [16, 16, 32, 64], 'basicblock')``."""
 
+    # registered with setattr in __init__
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(
         self,
         depth: int,
@@ -138,6 +143,11 @@ class _WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """RepDistiller ``WideResNet(depth, num_classes, widen_factor)``."""
 
+    # registered with setattr in __init__
+    block1: nn.Sequential
+    block2: nn.Sequential
+    block3: nn.Sequential
+
     def __init__(
         self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3
     ) -> None:
@@ -196,6 +206,13 @@ def _vgg_block(widths: Sequence[int], cin: int) -> nn.Sequential:
 
 class VGG(nn.Module):
     """RepDistiller ``VGG(cfg, batch_norm=True)``; the 4th max-pool only for 64-px inputs."""
+
+    # registered with setattr in __init__
+    block0: nn.Sequential
+    block1: nn.Sequential
+    block2: nn.Sequential
+    block3: nn.Sequential
+    block4: nn.Sequential
 
     def __init__(self, cfg: list[list[int]], num_classes: int, in_channels: int = 3) -> None:
         super().__init__()

@@ -93,11 +93,12 @@ class Schedule:
         """lr multiplier: ``lr_decay ** phase``, times the cosine at global ``step``."""
         factor = self.lr_decay**self.phase
         if self.cosine_steps:
-            factor *= 0.5 * (1 + math.cos(math.pi * min(step, self.cosine_steps) / self.cosine_steps))
+            progress = min(step, self.cosine_steps) / self.cosine_steps
+            factor *= 0.5 * (1 + math.cos(math.pi * progress))
         return factor
 
 
-def best_on_validation(candidates: Sequence[T], val: Callable[[T], float]) -> T | None:
+def best_on_validation(candidates: Sequence[T], val: Callable[[T], float | None]) -> T | None:
     """The candidate with the highest finite validation accuracy (the first on ties);
     ``None`` if none is finite. The one selection rule of the package: lr sweeps,
     lr grid axes and the report's validation-selected CKD row all use it."""

@@ -136,7 +136,11 @@ def select_lr(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     by: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         by[setting_key(r) + (method_id(r), r.get("budget"), r.get("seed"))].append(r)
-    return [dict(best_on_validation(cands, _val) or cands[0]) for cands in by.values()]
+    out = []
+    for cands in by.values():
+        best = best_on_validation(cands, _val)
+        out.append(dict(best or cands[0]))
+    return out
 
 
 def group_rows(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, list[dict]]:
@@ -352,8 +356,12 @@ def table1(key: tuple, rows: Sequence[Mapping[str, Any]], targets: Sequence[floa
         for m, pts in cv.items()
     }
     base = [m for m in calls if _info(m)[2] == "baseline"]
-    best = [
-        min((calls[m][j] + (m,) for m in base if calls[m][j][0] is not None), default=None)
+    #: per target, the baseline reaching it with the fewest calls: (calls, bound, method)
+    best: list[tuple[float, bool, str] | None] = [
+        min(
+            ((c, bound, m) for m in base for c, bound in [calls[m][j]] if c is not None),
+            default=None,
+        )
         for j in range(len(targets))
     ]
     lines = [
@@ -368,10 +376,11 @@ def table1(key: tuple, rows: Sequence[Mapping[str, Any]], targets: Sequence[floa
         cells = []
         for (c, bound), bb in zip(cs, best, strict=True):
             cell = "—" if c is None else ("≤" if bound else "") + _fmt_k(c)
-            if c is not None and is_ours(m) and bb is None:
-                cell += " (baselines: —)"
-            elif c is not None and is_ours(m) and not bb[1] and bb[0] > 0:
-                cell += f" ({'≤' if bound else ''}{(c - bb[0]) / bb[0] * 100:+.0f}%)"
+            if c is not None and is_ours(m):
+                if bb is None:
+                    cell += " (baselines: —)"
+                elif not bb[1] and bb[0] > 0:
+                    cell += f" ({'≤' if bound else ''}{(c - bb[0]) / bb[0] * 100:+.0f}%)"
             cells.append(cell)
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     cells = ["—" if b is None else f"{'≤' * b[1]}{_fmt_k(b[0])} ({label(b[2])})" for b in best]
@@ -554,8 +563,9 @@ def make_report(
     """Writes ``report.md`` and PNG figures into ``out_dir``; returns the Markdown path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    one = isinstance(results_paths, (str, os.PathLike))
-    srcs = [results_paths] if one else list(results_paths)
+    srcs: list[str | os.PathLike[str]] = (
+        [results_paths] if isinstance(results_paths, (str, os.PathLike)) else list(results_paths)
+    )
     raw = [r for p in srcs for r in read_rows(p) if r.get("method") is not None]
     ok = [r for r in raw if _finite(r.get("test_acc"))]
     skipped = Counter(setting_key(r) for r in raw if not _finite(r.get("test_acc")))

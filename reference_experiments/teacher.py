@@ -28,7 +28,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,8 @@ def load_teacher(
     model.load_state_dict(state, strict=True)
     model.to(dev)
     if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+        # torch's stubs lack Module.to(memory_format=...), which exists at runtime
+        cast(Any, model).to(memory_format=torch.channels_last)
     model.eval()
     return model, meta
 
@@ -168,7 +169,8 @@ def train_teacher(
         model = create_model(arch, dataset.num_classes, dataset.in_channels)
     model.to(dev)
     if cuda:
-        model.to(memory_format=torch.channels_last)
+        # torch's stubs lack Module.to(memory_format=...), which exists at runtime
+        cast(Any, model).to(memory_format=torch.channels_last)
     x_train = torch.from_numpy(dataset.x_train).to(dev)
     y_train = torch.from_numpy(dataset.y_train).to(dev)
     n = len(y_train)

@@ -40,6 +40,11 @@ class CRDLoss(nn.Module):
     banks and ``Z`` are updated in place (buffers; no host sync).
     """
 
+    # buffers, registered in __init__
+    memory_s: torch.Tensor
+    memory_t: torch.Tensor
+    z: torch.Tensor
+
     def __init__(
         self,
         s_dim: int,

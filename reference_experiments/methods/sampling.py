@@ -41,11 +41,11 @@ def tuple_pool(n: int, pos: int, neg: int, size: int, seed: int) -> np.ndarray:
     if possible < 5 * size:
         combos = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64)
         splits = list(itertools.combinations(range(k), pos))
-        rows = []
+        parts: list[np.ndarray] = []
         for side in splits:
             rest = [i for i in range(k) if i not in side]
-            rows.append(combos[:, list(side) + rest])
-        every = np.concatenate(rows)
+            parts.append(combos[:, list(side) + rest])
+        every = np.concatenate(parts)
         keep = rng.permutation(len(every))[: min(size, len(every))]
         return every[np.sort(keep)]
     rows = np.empty((0, k), dtype=np.int64)

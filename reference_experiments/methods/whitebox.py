@@ -270,6 +270,8 @@ class WhiteBoxCKD(WhiteBox):
         b = x.shape[0] // 2
         s_a, f_a = student(x[:b], True)  # two passes: BatchNorm statistics per side
         s_b, f_b = student(x[b:], True)
+        if f_a is None or f_b is None:
+            raise RuntimeError(f"{type(self).__name__} needs the student's features")
         s = torch.cat([s_a, s_b]).float()
         first = torch.arange(b, device=s.device)
         pairs = (first, first + b)
