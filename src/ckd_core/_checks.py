@@ -255,7 +255,10 @@ def _weights(
             f"got {type(sample_weight).__name__}."
         )
     values = _host_values(sample_weight)
-    w = ops.convert_to_tensor(values) if values is not None else sample_weight
+    if ops.is_tensor(sample_weight):
+        w = sample_weight
+    else:
+        w = ops.convert_to_tensor(values)
     dtype = _dtype_name(w) if values is None else np.dtype(values.dtype).name
     if values is not None and values.dtype == np.dtype("bool"):
         dtype = "bool"
@@ -349,7 +352,8 @@ def _indices(index: Any, role: str, rank: int, e: Tensor) -> tuple[Tensor, Tenso
                 f"{role} has index {bad} out of range for a batch of {n} rows "
                 f"(allowed: 0 <= index < {n})."
             )
-        return ops.convert_to_tensor(values, dtype="int32"), None
+        source = index if ops.is_tensor(index) else values
+        return ops.convert_to_tensor(source, dtype="int32"), None
     idx = ops.convert_to_tensor(index if values is None else values, dtype="int32")
     last = (n if n is not None else ops.cast(ops.shape(e)[0], "int32")) - 1
     valid = ops.logical_and(idx >= 0, idx <= last)

@@ -112,6 +112,9 @@ class ComparativeLoss(_BatchLoss):
         pairs: Any = "all",
         groups: Any = None,
     ) -> Tensor:
+        if isinstance(pairs, str) and pairs == "all" and groups is None:
+            # The plain Keras ``call`` signature, for subclasses that override it.
+            return super().__call__(y_true, y_pred, sample_weight)
         return super().__call__(y_true, y_pred, sample_weight, pairs=pairs, groups=groups)
 
     def call(  # type: ignore[override]
