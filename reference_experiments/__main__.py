@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output dir (default: <results dir>/report)")
     r.add_argument("--targets", default=None, help="comma-separated target accuracies (%%)")
 
+    c = sub.add_parser("campaign", help="the paper's grids in priority order, time-limited")
+    c.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
+    c.add_argument("--out", required=True, help="rows and teachers go here, at once")
+    c.add_argument("--device", default=None, help="auto (cuda if available), cpu, cuda:N")
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--stack", type=int, default=32, metavar="N", help="runs per stacked step")
+    c.add_argument("--dry-run", action="store_true", help="validate the plan, train nothing")
+
     q = sub.add_parser("quickstart", help="CPU digits demo (< 2 min): teacher, 4 methods, table")
     q.add_argument("--out", default="runs/quickstart")
     return p
@@ -153,6 +161,21 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_campaign(a: argparse.Namespace) -> int:
+    from .campaign import run_campaign
+
+    counts = run_campaign(
+        a.minutes,
+        a.out,
+        device=a.device,
+        data_dir=a.data_dir,
+        stack=a.stack,
+        dry_run=a.dry_run,
+    )
+    print(f"campaign: new rows {counts}", file=sys.stderr)
+    return 0
+
+
 def _cmd_quickstart(a: argparse.Namespace) -> int:
     from . import quickstart
 
@@ -178,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "grid": _cmd_grid,
         "report": _cmd_report,
         "quickstart": _cmd_quickstart,
+        "campaign": _cmd_campaign,
     }[a.cmd]
     try:
         return command(a)

@@ -415,7 +415,7 @@ def train(
                     stack_images_per_s=images / max(train_time, 1e-9),
                     stacked_runs=n_trials,
                     wall_s=round(wall, 3),
-                    device=str(device),
+                    ran_on=str(device),
                     teacher_test_acc=t_meta.get("test_accuracy"),
                     flat_dims=dims,
                     spectrum=spec,

@@ -161,11 +161,15 @@ def stacks(runs: Sequence[RunConfig], size: int) -> list[list[RunConfig]]:
 
 class Teachers:
     """Teacher files of a grid: the configured path, or trained once and reused
-    (``teachers_dir/<key>/``, so teachers differing in anything never collide)."""
+    (``<dir>/<key>/``, so teachers differing in anything never collide). ``search``:
+    more folders holding such ``<key>/`` teachers (e.g. committed ones), read first."""
 
-    def __init__(self, cfg: Mapping[str, Any], *, device: str = "auto"):
+    def __init__(
+        self, cfg: Mapping[str, Any], *, device: str = "auto", search: Sequence[Path] = ()
+    ):
         self.cfg = cfg
         self.device = device
+        self.search = [Path(p) for p in search]
 
     def path(self, run: RunConfig, dataset: Any) -> Path:
         name = run.teacher_key.split("@")[0]
@@ -174,12 +178,14 @@ class Teachers:
             return Path(t["path"])
         from .teacher import train_teacher
 
-        out_dir = Path(self.cfg["teachers_dir"]) / run.teacher_key.replace("@", "_")
-        found = sorted(out_dir.glob("*.safetensors"))
-        if found:
-            return found[0]
+        folder = run.teacher_key.replace("@", "_")
+        out_dir = Path(self.cfg["teachers_dir"]) / folder
+        for d in [*self.search, Path(self.cfg["teachers_dir"])]:
+            found = sorted((d / folder).glob("*.safetensors"))
+            if found:
+                return found[0]
         print(f"training teacher {run.teacher_key} -> {out_dir}", file=sys.stderr)
-        kw = {k: t[k] for k in ("lr", "batch_size") if k in t}
+        kw = {k: t[k] for k in ("lr", "batch_size", "label_smoothing", "warmup_epochs") if k in t}
         return train_teacher(
             t["arch"],
             dataset,
@@ -243,6 +249,7 @@ def run_grid(
                         failed,
                         {"run_id": run.run_id(), **run.as_dict(), "error": repr(e),
                          "traceback": traceback.format_exc()},
+                        dedup=False,
                     )  # fmt: skip
                 bar.update(len(chunk))
                 continue
@@ -251,7 +258,8 @@ def run_grid(
                 row.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 if row.diverged:
                     counts["failed"] += 1
-                    append_row(failed, {**row.to_json(run), "error": "every lr diverged"})
+                    failure = {**row.to_json(run), "error": "every lr diverged"}
+                    append_row(failed, failure, dedup=False)
                 else:
                     append_row(results, row.to_json(run))
                     counts["ran"] += 1
@@ -265,8 +273,15 @@ class Runner:
     """The grid's :data:`Trainer`: loads each dataset and teacher once, fills in the
     teacher file of every run, and trains a stack with :func:`engine.train`."""
 
-    def __init__(self, cfg: Mapping[str, Any], *, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        *,
+        teachers: Sequence[Path] = (),
+        log: Callable[[str], None] | None = None,
+    ):
         self.cfg = cfg
+        self.teachers = teachers
         self.log = log
         self._dataset: tuple[tuple[str, str | None], Any] | None = None
         self._teacher: tuple[Path, Any] | None = None
@@ -290,7 +305,7 @@ class Runner:
         if methods.get(run.method).uses_teacher or run.teacher:
             path = Path(run.teacher) if run.teacher else None
             if path is None:
-                teachers = Teachers(self.cfg, device=run.device)
+                teachers = Teachers(self.cfg, device=run.device, search=self.teachers)
                 path = teachers.path(run, ds)
             if self._teacher is None or self._teacher[0] != path:
                 self._teacher = (path, load_teacher(path, resolve_device(run.device)))

@@ -36,7 +36,8 @@ class ResultRow:
     """What one run produced (its config travels beside it, see :meth:`to_json`).
 
     Accuracies are fractions in [0, 1]; ``test_acc`` is the best-validation
-    checkpoint's, of the lr chosen on validation (``lr_used``). ``flat_dims``:
+    checkpoint's, of the lr chosen on validation (``lr_used``); ``ran_on``: the device
+    used (the config's ``device`` may say ``auto``). ``flat_dims``:
     directions holding 90% of the within-class variance of the student's
     penultimate features on test images (Fig. 5); ``spectrum``: the normalised
     singular values behind it.
@@ -62,7 +63,7 @@ class ResultRow:
     stack_images_per_s: float
     stacked_runs: int
     wall_s: float
-    device: str
+    ran_on: str
     teacher_test_acc: float | None = None
     flat_dims: int | None = None
     spectrum: list[float] = field(default_factory=list)
@@ -153,8 +154,8 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def append_row(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> bool:
-    """Atomically adds ``obj`` unless an object with its ``run_id`` is there.
+def append_row(path: str | os.PathLike[str], obj: Mapping[str, Any], *, dedup: bool = True) -> bool:
+    """Atomically adds ``obj`` unless (``dedup``) an object with its ``run_id`` is there.
 
     Returns whether it was written.
     """
@@ -164,7 +165,7 @@ def append_row(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> bool:
     with _locked(path):
         old = path.read_bytes() if path.exists() else b""
         rid = obj.get("run_id")
-        if rid is not None:
+        if dedup and rid is not None:
             for raw in old.splitlines():
                 with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
                     if json.loads(raw).get("run_id") == rid:

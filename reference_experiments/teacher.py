@@ -148,13 +148,17 @@ def train_teacher(
     device: str | torch.device = "cpu",
     batch_size: int = 128,
     lr: float = 0.05,
+    label_smoothing: float = 0.0,
+    warmup_epochs: float = 0.0,
     progress: bool = True,
 ) -> Path:
     """Train ``arch`` on ``dataset``, save it, return the ``.safetensors`` path.
 
     One epoch = ``len(x_train) // batch_size`` steps over a fresh seeded permutation
-    (the incomplete last batch is dropped); lr follows a per-step cosine from ``lr``
-    to 0. Data stay as uint8 on ``device``; augmentation is batched there.
+    (the incomplete last batch is dropped); lr rises linearly over ``warmup_epochs``
+    then follows a per-step cosine from ``lr`` to 0 (Nesterov momentum when warming
+    up); cross-entropy with ``label_smoothing``. Data stay as uint8 on ``device``;
+    augmentation is batched there.
     """
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
@@ -189,10 +193,18 @@ def train_teacher(
         raise ValueError(f"batch_size {bs} < world size {world}")
     # DDP averages per-rank gradients: weigh a shard of n_r of bs rows by n_r * world / bs
     loss_scale = rdist.shard_size(bs) * world / bs
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
+    warm = int(warmup_epochs * steps_per_epoch)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=warm > 0
     )
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        done = min(step - warm, total - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     bar = None
     if progress and rdist.is_main():
@@ -211,7 +223,7 @@ def train_teacher(
             yb = y_train[idx]
             with _autocast(dev):
                 logits = net(xb)
-            loss = F.cross_entropy(logits.float(), yb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             opt.step()
@@ -251,6 +263,8 @@ def train_teacher(
         "batch_size": bs,
         "lr": float(lr),
         "schedule": "cosine-per-step",
+        "label_smoothing": float(label_smoothing),
+        "warmup_epochs": float(warmup_epochs),
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "test_accuracy": acc,

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reference_experiments import data  # noqa: E402
+from reference_experiments import data, rows  # noqa: E402
 from reference_experiments.augment import augment, preprocess_eval  # noqa: E402
 from reference_experiments.data import (  # noqa: E402
     CARS_DUPLICATE_PAIRS,
@@ -182,6 +182,9 @@ def test_cifar10_jpeg_loader_and_cache(tmp_path, monkeypatch):
     assert sorted(np.bincount(ds.y_test).tolist()) == [2, 2, 2]
     cached = list((tmp_path / "cache").glob("cifar10-jpeg-*.npz"))
     assert len(cached) == 1
+    # written atomically (rows.atomic_write_bytes): no temporary file left beside it
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cached[0].name]
+    assert data.atomic_write_bytes is rows.atomic_write_bytes
     # a truncated cache file is rebuilt, not trusted
     cached[0].write_bytes(cached[0].read_bytes()[:100])
     np.testing.assert_array_equal(load_dataset("cifar10-jpeg", tmp_path / "data").x_test, ds.x_test)

@@ -1,11 +1,10 @@
-"""``torchrun --nproc_per_node=2`` smoke runs of the reference experiments (CPU, gloo).
+"""``torchrun --nproc_per_node=2`` smoke run of teacher training (CPU, gloo).
 
-One teacher trained data-parallel (``train-teacher``), then one student run
-(``student``, CKD all-pairs with the global-batch loss, an uneven 17/16
-split of a batch of 33): both exit 0, rank 0 alone writes (one JSONL row,
-one teacher), and the teacher is queried once for the whole job
-(``teacher_calls`` = the training split <= budget). The loss and gradient
-equalities under DDP are checked in ``tests/test_distributed.py``.
+One teacher trained data-parallel (``train-teacher``, an uneven 33/32 split of a
+global batch of 65): it exits 0, rank 0 alone prints and writes (one teacher file
+with its metadata, ``world_size`` 2), and the file loads with its sha256 checked.
+Students no longer run under torchrun (they stack runs on one device instead). The
+loss and gradient equalities under DDP are checked in ``tests/test_distributed.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -49,21 +50,22 @@ def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
         "reference_experiments",
         *args,
     ]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
 
 
-def test_torchrun_teacher_and_student(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_torchrun_teacher(tmp_path: Path) -> None:
     teachers = tmp_path / "teachers"
-    _torchrun(
+    out = _torchrun(
         [
             "train-teacher",
             "--arch=digits_cnn",
             "--dataset=digits",
             "--epochs=1",
             f"--out={teachers}",
-            "--batch-size=64",
+            "--batch-size=65",  # shards of 33 and 32
             "--no-progress",
             "--device=cpu",
         ],
@@ -71,37 +73,17 @@ def test_torchrun_teacher_and_student(tmp_path: Path) -> None:
     )
     weights = sorted(teachers.glob("*.safetensors"))
     assert len(weights) == 1, weights
-    meta = json.loads(weights[0].with_suffix(".json").read_text())
-    assert meta["world_size"] == 2 and 0.0 <= meta["test_accuracy"] <= 1.0
-
-    results = tmp_path / "results.jsonl"
-    budget = 150
-    out = _torchrun(
-        [
-            "student",
-            "--dataset=digits",
-            f"--teacher={weights[0]}",
-            "--student-arch=digits_mlp",
-            "--method=ckd_all",
-            f"--budget={budget}",
-            "--preset=fast",
-            "--max-epochs=2",
-            "--batch-size=33",  # shards of 17 and 16
-            "--device=cpu",
-            "--threads=1",
-            f"--results={results}",
-        ],
-        tmp_path,
-    )
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    assert len(rows) == 1, rows  # rank 0 only
-    printed = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert sorted(p.name for p in teachers.iterdir()) == [
+        weights[0].with_suffix(".json").name,
+        weights[0].name,
+    ]  # no temporary files left
+    printed = [line for line in out.stdout.splitlines() if "test_accuracy=" in line]
     assert len(printed) == 1, out.stdout  # rank 0 prints, rank 1 stays silent
-    row = rows[0]
-    assert row["world_size"] == 2
-    assert row["method"] == "ckd_all" and row["budget"] == budget
-    # counted once for the job: the 80% training split, not world_size times
-    assert row["teacher_calls"] == row["new_teacher_calls"] == row["n_train"] <= budget
-    assert row["n_train"] + row["n_val"] == budget
-    assert row["epochs"] == 2 and row["steps"] == 2 * -(-row["n_train"] // 33)
-    assert 0.0 <= row["test_acc"] <= 1.0
+    meta = json.loads(weights[0].with_suffix(".json").read_text())
+    assert meta["world_size"] == 2 and meta["batch_size"] == 65
+    assert 0.0 <= meta["test_accuracy"] <= 1.0
+
+    from reference_experiments.teacher import load_teacher
+
+    model, meta2 = load_teacher(weights[0])
+    assert meta2 == meta and not model.training

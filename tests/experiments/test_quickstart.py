@@ -1,8 +1,12 @@
-"""Quick start smoke test with tiny settings (the real one: 4 methods x 3 budgets x 3 seeds)."""
+"""Quick start (reduced grid through ``quickstart.config``), the committed quick-start
+report, and the command line's help and user errors.
+
+The real quick start (4 methods x 3 budgets x 3 seeds, 60 epochs) takes minutes; here
+its module constants are shrunk to 2 methods x 1 budget x 1 seed x 2 epochs.
+"""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 keras = pytest.importorskip("keras")
+pytest.importorskip("sklearn")
 if keras.backend.backend() != "torch":
     pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
 
@@ -17,53 +22,163 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reference_experiments import grid, quickstart  # noqa: E402
+from reference_experiments import __main__ as cli  # noqa: E402
+from reference_experiments import engine, grid, methods, quickstart, report  # noqa: E402
+from reference_experiments.rows import read_rows  # noqa: E402
+
+COMMITTED = ROOT / "reference_experiments" / "results" / "quickstart"
 
 
-def test_quickstart_tiny(tmp_path, capsys):
+@pytest.fixture
+def restore_torch_globals():
+    """quickstart.main sets torch's threads and deterministic mode for the process."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def test_quickstart_reduced(tmp_path, capsys, monkeypatch, restore_torch_globals):
+    monkeypatch.setattr(quickstart, "METHODS", ("ce", "ckd_all"))
+    monkeypatch.setattr(quickstart, "BUDGETS", (100,))
+    monkeypatch.setattr(quickstart, "SEEDS", (0,))
+    monkeypatch.setattr(quickstart, "MAX_EPOCHS", 2)
+    monkeypatch.setattr(quickstart, "TEACHER_EPOCHS", 1)
     out = tmp_path / "qs"
-    kw = dict(
-        methods=["ce", "ckd_all"],
-        budgets=[40, 80],
-        seeds=[0],
-        teacher_epochs=1,
-        max_epochs=2,
-        progress=False,
-    )
-    res = quickstart.main(out, **kw)
-    printed = capsys.readouterr().out
-    assert "| CE only |" in printed and "| CKD (all pairs) |" in printed
-    assert "scikit-learn digits" in printed and "preset `paper`" in printed
-    assert (out / "accuracy_vs_calls.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "report" / "report.md").exists()
-    rows = grid.read_results(out / "results.jsonl")
-    assert len(rows) == 4
-    assert {(r["method"], r["budget"]) for r in rows} == {
-        (m, b) for m in ("ce", "ckd_all") for b in (40, 80)
+    cfg = quickstart.config(out)
+    runs = grid.expand(cfg)
+    assert [(r.method, r.budget, r.seed, r.lr) for r in runs] == [
+        ("ce", 100, 0, 0.05),
+        ("ckd_all", 100, 0, 0.05),
+    ]
+    assert {(r.dataset, r.preset, r.teacher_view, r.max_epochs, r.device) for r in runs} == {
+        ("digits", "paper", "clean", 2, "cpu")
     }
-    for r in rows:
-        assert r["dataset"] == "digits" and r["student_arch"] == "digits_mlp"
-        assert r["teacher_calls"] == (
-            0 if r["method"] == "ce" else r["budget"] - round(0.2 * r["budget"])
-        )
-        assert 0.0 <= r["test_acc"] <= 1.0
-    # a rerun reuses the teacher and every finished run
+
+    path = quickstart.main(out)
+    printed = capsys.readouterr().out
+    assert path == out / "report" / "report.md" and path.is_file()
+    assert "| CE only |" in printed and "| CKD (all pairs) |" in printed
+    assert "quick start: 2 student runs" in printed
+    assert list((out / "report").glob("*.png"))
     teacher_files = sorted((out / "teacher").rglob("*.safetensors"))
-    mtimes = [p.stat().st_mtime_ns for p in teacher_files]
-    res2 = quickstart.main(out, **kw)
-    assert len(grid.read_results(out / "results.jsonl")) == 4
-    assert [p.stat().st_mtime_ns for p in teacher_files] == mtimes
-    assert res2["table"] == res["table"]
+    assert len(teacher_files) == 1
+    results = out / "results.jsonl"
+    rows = read_rows(results)
+    assert sorted(r["run_id"] for r in rows) == sorted(r.run_id() for r in runs)
+    for r in rows:
+        assert (r["dataset"], r["student_arch"], r["teacher_arch"]) == (
+            "digits",
+            "digits_mlp",
+            "digits_cnn",
+        )
+        assert r["grid"] == "quickstart" and r["lr_used"] == 0.05 and r["epoch_cap"] == 2
+        assert r["n_train"] + r["n_val"] == 100 and r["n_val"] == 20
+        assert r["teacher_calls"] == (0 if r["method"] == "ce" else r["n_train"])
+        assert 0.0 <= r["test_acc"] <= 1.0 and 1 <= r["epochs"] <= 2
+        assert r["teacher"] == (None if r["method"] == "ce" else str(teacher_files[0]))
+
+    # a rerun reuses the teacher and every finished run: nothing trains, nothing is written
+    blob, mtime = results.read_bytes(), teacher_files[0].stat().st_mtime_ns
+    md = path.read_text(encoding="utf-8")
+
+    def no_training(*a, **k):
+        raise AssertionError("a rerun must not train")
+
+    monkeypatch.setattr(engine, "train", no_training)
+    monkeypatch.setattr(
+        "reference_experiments.teacher.train_teacher", no_training
+    )  # Teachers imports it at call time
+    path2 = quickstart.main(out)
+    assert path2 == path and path.read_text(encoding="utf-8") == md
+    assert md in capsys.readouterr().out
+    assert results.read_bytes() == blob
+    assert teacher_files[0].stat().st_mtime_ns == mtime
 
 
-def test_cli_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "reference_experiments", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0
+def _table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_committed_quickstart_report_reproduces(tmp_path):
+    """Re-reporting the committed results gives the committed tables."""
+    results = COMMITTED / "results.jsonl"
+    if not results.is_file():
+        pytest.skip(f"{results} is not committed")
+    rows = read_rows(results)
+    if not rows or any("lr_used" not in r for r in rows):
+        pytest.skip(
+            "committed quick-start results are from the old (v1) row format (no `lr_used`); "
+            "regenerate them with `python -m reference_experiments quickstart`"
+        )
+    committed = _table_lines((COMMITTED / "report.md").read_text(encoding="utf-8"))
+    assert committed, "the committed report.md has no tables"
+    path = report.make_report([results], tmp_path)
+    assert _table_lines(path.read_text(encoding="utf-8")) == committed
+
+
+# ------------------------------------------------------------------ command line
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse: --help and usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_help(capsys):
+    rc, out, _ = _cli(["--help"], capsys)
+    assert rc == 0
     for cmd in ("train-teacher", "student", "grid", "report", "quickstart"):
-        assert cmd in out.stdout
+        assert cmd in out
+
+
+def test_student_help_lists_every_method(capsys):
+    rc, out, _ = _cli(["student", "--help"], capsys)
+    assert rc == 0
+    described = methods.describe()
+    assert set(described) == set(methods.names()) and len(described) >= 20
+    for name, text in described.items():
+        assert text, f"method {name!r} has no description"
+        assert any(line.split() == [name, *text.split()] for line in out.splitlines()), name
+    for option in ("--dataset", "--student-arch", "--method", "--budget", "--teacher",
+                   "--preset", "--lr", "--max-epochs", "--device", "--results"):  # fmt: skip
+        assert option in out, option
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--method", "nope"], "error: unknown method 'nope'; choose from ce, kd, "),
+        (["--dataset", "nope"], "error: unknown dataset 'nope'; choose from .*digits"),
+        (["--student-arch", "nope"], "error: unknown student_arch 'nope'; choose from "),
+        (["--preset", "nope"], "error: unknown preset 'nope'; choose from paper, fast"),
+        (["--budget", "1"], "error: budget must be >= 2"),
+        (["--lr", "-1"], "error: lr must be > 0"),
+        (["--method", "kd"], "error: --teacher PATH is required for method 'kd'"),
+        (["--teacher", "missing.safetensors"], "error: teacher file missing.safetensors"),
+    ],
+)
+def test_student_user_errors(tmp_path, capsys, monkeypatch, args, match):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    base = {"--dataset": "digits", "--student-arch": "digits_mlp", "--method": "ce",
+            "--budget": "100", "--device": "cpu"}  # fmt: skip
+    base.update(dict(zip(args[::2], args[1::2], strict=True)))
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("must not train"))
+    rc, out, err = _cli(["student", *[x for kv in base.items() for x in kv]], capsys)
+    assert rc == 2 and not out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.match(match, lines[0]), err
+
+
+def test_student_unknown_method_lists_every_method(capsys):
+    rc, _, err = _cli(["student", "--dataset", "digits", "--student-arch", "digits_mlp",
+                       "--method", "nope", "--budget", "100"], capsys)  # fmt: skip
+    assert rc == 2
+    for name in methods.names():
+        assert name in err

@@ -76,7 +76,7 @@ def make_row(
         stack_images_per_s=1.0,
         stacked_runs=1,
         wall_s=1.0,
-        device="cpu",
+        ran_on="cpu",
         teacher_test_acc=0.9,
         flat_dims=flat,
         spectrum=list(spectrum),

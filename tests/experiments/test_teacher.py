@@ -58,7 +58,31 @@ def test_train_teacher_writes_files_and_metadata(trained):
     import hashlib
 
     assert meta["sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
-    assert not list(trained.parent.glob("*.tmp"))  # atomic writes leave nothing behind
+    # atomic writes (rows.atomic_write_bytes: ".<name>.*.tmp" then os.replace) leave
+    # nothing behind
+    assert sorted(p.name for p in trained.parent.iterdir()) == [
+        trained.with_suffix(".json").name,
+        trained.name,
+    ]
+
+
+def test_save_teacher_is_atomic(trained, tmp_path, monkeypatch):
+    """A failed write leaves neither a partial file nor a temporary one."""
+    from reference_experiments import rows
+
+    model, meta = teacher.load_teacher(trained)
+    path = teacher.save_teacher(model, tmp_path, "t", meta)
+    assert path == tmp_path / "t.safetensors"
+    assert teacher.load_teacher(path)[1]["sha256"] == meta["sha256"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rows.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        teacher.save_teacher(model, tmp_path, "t", {**meta, "seed": 99})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_load_round_trip_without_pickle(trained, digits, monkeypatch):
