@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Progress:
+    """Epoch lines on stderr: every epoch on a terminal; in a log file (not a tty)
+    one line per ``every_s`` seconds, so logs hold lines, never carriage-return floods."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = 0.0 if sys.stderr.isatty() else every_s
+        self.last = -math.inf
+
+    def __call__(self, line: str) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(line, file=sys.stderr, flush=True)
+
+
 def _cmd_student(a: argparse.Namespace) -> int:
     from . import engine, methods
     from .rows import append_row
@@ -100,7 +117,7 @@ def _cmd_student(a: argparse.Namespace) -> int:
         raise ValueError(f"--teacher PATH is required for method {cfg.method!r}")
     if cfg.teacher and not Path(cfg.teacher).is_file():
         raise FileNotFoundError(f"teacher file {cfg.teacher} not found")
-    [(cfg, row)] = engine.train([cfg], log=lambda line: print(line, file=sys.stderr))
+    [(cfg, row)] = engine.train([cfg], log=Progress())
     obj = row.to_json(cfg)
     print(json.dumps(obj, sort_keys=True))
     if row.diverged:
@@ -205,7 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[a.cmd]
     try:
         return command(a)
-    except (ValueError, FileNotFoundError, FloatingPointError, NotADirectoryError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FloatingPointError,
+        NotADirectoryError,
+        FileExistsError,
+    ) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -7,11 +7,18 @@ uint8 NHWC arrays; augmentation happens later, batched on the training device
 Datasets (folder names are relative to ``data_dir``):
 
 ``cifar100``
-    The official ``cifar-100-python/`` folder (``train``, ``test``, ``meta``). Each file's
-    md5 is checked against the published md5 (``CIFAR100_MD5``) *before* it is
-    unpickled. If the folder is missing and torchvision is installed, it is downloaded
-    with ``torchvision.datasets.CIFAR100(download=True)`` into ``data_dir``.
-    Official train/test split; crop 32, pad 4.
+    The official ``cifar-100-python/`` folder (``train``, ``test``, ``meta``), or the
+    official ``cifar-100-python.tar.gz`` archive itself (read in memory, not
+    extracted). Every file's md5 (the archive's, then each member's) is checked against
+    the published md5s (``CIFAR100_MD5``) *before* anything is unpickled. If neither is
+    there and torchvision is installed, ``torchvision.datasets.CIFAR100(data_dir,
+    download=True)`` fetches it. Official train/test split; crop 32, pad 4.
+``cifar10``
+    The same for the official CIFAR-10 python version: ``cifar-10-batches-py/``
+    (``data_batch_1`` .. ``data_batch_5``, ``test_batch``, ``batches.meta``; what
+    ``torchvision.datasets.CIFAR10(root, download=True)`` leaves under ``root``) or
+    ``cifar-10-python.tar.gz``, md5-checked against ``CIFAR10_MD5``. Official split
+    (50,000 / 10,000); crop 32, pad 4.
 ``cifar10-jpeg``
     ``cifar10-jpeg/cifar10-jpeg.tar.xz`` + ``classes.txt`` (the JPEG q75 copy of
     CIFAR-10). Decoded once (about 20-30 s) and cached as ``.npz`` in the cache
@@ -27,8 +34,10 @@ Datasets (folder names are relative to ``data_dir``):
     shape (N, 8, 8, 1)); seeded stratified 80/20 split; crop 8, pad 1 (random
     one-pixel translations; no flip). Mean/std computed on the training split.
 
-``data_dir`` defaults to ``$CKD_DATA_DIR``, else ``<repo>/../shared/data`` when that
-exists. A dataset folder may also be passed directly as ``data_dir``. Whenever a
+``data_dir`` (``--data-dir``) defaults to ``$CKD_DATA_DIR``, else ``<repo>/../shared/data``
+when that exists. A dataset folder may also be passed directly as ``data_dir``. When a
+dataset's files are missing, :class:`DatasetNotFoundError` (a ``FileNotFoundError``)
+says in one line which folder was searched and how to get the data. Whenever a
 dataset folder contains ``SHA256SUMS``, every listed file the loader reads is
 verified against it. Decoded caches go to ``$CKD_CACHE_DIR``, else
 ``~/.cache/ckd-core``; cache files are keyed by the archive's sha256 and written
@@ -41,6 +50,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -54,8 +64,10 @@ from .rows import atomic_write_bytes
 __all__ = [
     "CARS_DUPLICATE_PAIRS",
     "CIFAR100_MD5",
+    "CIFAR10_MD5",
     "DATASET_NAMES",
     "DataIntegrityError",
+    "DatasetNotFoundError",
     "ImageDataset",
     "cache_dir",
     "default_data_dir",
@@ -63,14 +75,28 @@ __all__ = [
     "stratified_group_split",
 ]
 
-DATASET_NAMES = ("cifar100", "cifar10-jpeg", "cars64", "digits")
+DATASET_NAMES = ("cifar100", "cifar10", "cifar10-jpeg", "cars64", "digits")
 
-#: Published md5s of the files in the official ``cifar-100-python`` folder
-#: (the same values torchvision checks). Tests patch this table.
+#: Published md5s of the official ``cifar-100-python.tar.gz`` and of the files in its
+#: ``cifar-100-python`` folder (the same values torchvision checks). Tests patch this.
 CIFAR100_MD5: dict[str, str] = {
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
     "train": "16019d7e3df5f24257cddd939b257f8d",
     "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
     "meta": "7973b15100ade9c7d40fb424638fde48",
+}
+
+#: Published md5s of the official ``cifar-10-python.tar.gz`` and of the files in its
+#: ``cifar-10-batches-py`` folder (torchvision's table). Tests patch this table.
+CIFAR10_MD5: dict[str, str] = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
 
 #: Byte-identical image pairs with conflicting labels in the Stanford Cars training
@@ -102,6 +128,10 @@ _CACHE_VERSION = 1
 
 class DataIntegrityError(ValueError):
     """A file's checksum does not match the expected value."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message (one line) says how to get them."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,16 +192,97 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ckd-core"
 
 
-def _dataset_folder(data_dir: Path | None, folder: str, marker: str) -> Path:
-    """``data_dir/folder``, or ``data_dir`` itself if it directly holds ``marker``."""
-    if data_dir is None:
-        raise FileNotFoundError(
-            f"no data directory: pass data_dir, set CKD_DATA_DIR, or create "
-            f"{_repo_root().parent / 'shared' / 'data'} containing {folder}/{marker}"
-        )
-    if (data_dir / marker).exists():
-        return data_dir
-    return data_dir / folder
+def _shared_data_dir() -> Path:
+    return _repo_root().parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class _DataDir:
+    """The data directory in use and where it came from (for error messages)."""
+
+    path: Path | None
+    origin: str
+
+    @classmethod
+    def resolve(cls, data_dir: str | os.PathLike | None) -> _DataDir:
+        if data_dir is not None:
+            return cls(Path(data_dir).expanduser(), "--data-dir")
+        if os.environ.get("CKD_DATA_DIR"):
+            return cls(default_data_dir(), "$CKD_DATA_DIR")
+        return cls(default_data_dir(), "the default")
+
+    def describe(self) -> str:
+        how = f"choose it with --data-dir or $CKD_DATA_DIR; default {_shared_data_dir()}"
+        if self.path is None:
+            return f"no data directory ({how}, which does not exist)"
+        return f"data dir {self.path} from {self.origin} ({how})"
+
+    def folder(self, dataset: str, name: str, marker: str) -> Path:
+        """``path/name``, or ``path`` itself if it directly holds ``marker``."""
+        if self.path is None:
+            raise _not_found(dataset, "", self)
+        if (self.path / marker).exists():
+            return self.path
+        return self.path / name
+
+
+#: Per dataset: (title, where it comes from, how to get it). ``{d}`` = the data dir,
+#: ``{shared}`` = the project's shared data folder.
+_SOURCES: dict[str, tuple[str, str, str]] = {
+    "cifar100": (
+        "CIFAR-100",
+        "the official CIFAR-100 python version (https://www.cs.toronto.edu/~kriz/cifar.html)",
+        "run torchvision.datasets.CIFAR100('{d}', download=True) on a machine with internet "
+        "access, or download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
+        "into {d} (extracting it is optional)",
+    ),
+    "cifar10": (
+        "CIFAR-10",
+        "the official CIFAR-10 python version (https://www.cs.toronto.edu/~kriz/cifar.html)",
+        "run torchvision.datasets.CIFAR10('{d}', download=True) on a machine with internet "
+        "access, or download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
+        "into {d} (extracting it is optional); or use --dataset cifar10-jpeg, the JPEG q75 "
+        "copy (folder cifar10-jpeg/ of {shared})",
+    ),
+    "cifar10-jpeg": (
+        "CIFAR-10 JPEG copy (cifar10-jpeg)",
+        "the project's JPEG q75 copy of CIFAR-10 (cifar10-jpeg.tar.xz + classes.txt, "
+        "see its README.md)",
+        "copy the folder {shared}/cifar10-jpeg into {d}; or use --dataset cifar10 with the "
+        "official archive (torchvision.datasets.CIFAR10(root, download=True) or "
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)",
+    ),
+    "cars64": (
+        "Stanford Cars 64-pixel training half (cars64)",
+        "the project's 64x64 copy of the 8,144 Stanford Cars training images "
+        "(cars-train64-jpeg.tar.xz + classes.txt, see its README.md)",
+        "copy the folder {shared}/stanford-cars-train64 into {d}; or rebuild it from "
+        "torchvision.datasets.StanfordCars's folder layout (stanford_cars/devkit + "
+        "cars_train, which torchvision no longer downloads: get it by hand, e.g. from "
+        "Kaggle) by cropping each training image to its box and resizing it to 64x64 as "
+        "that README describes",
+    ),
+    "digits": (
+        "scikit-learn digits",
+        "scikit-learn, which bundles them (nothing to download; --data-dir is not used)",
+        "pip install scikit-learn",
+    ),
+}
+
+
+def _not_found(name: str, searched: str, where: _DataDir) -> DatasetNotFoundError:
+    """One-line error: what was searched, where the data dir came from, how to get it."""
+    title, origin, how = _SOURCES[name]
+    d = str(where.path) if where.path is not None else "<data dir>"
+    parts = [f"{title} not found"]
+    if searched:
+        parts.append(f": {searched}")
+    if name != "digits":
+        parts.append(f"; {where.describe()}")
+    parts.append(
+        f"; it comes from {origin}; to get it, {how.format(d=d, shared=_shared_data_dir())}"
+    )
+    return DatasetNotFoundError(re.sub(r"\s*[\r\n]+\s*", " ", "".join(parts)))  # one line
 
 
 # --------------------------------------------------------------------- checksums
@@ -224,11 +335,15 @@ def _verify_sha256sums(folder: Path, names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _require_files(folder: Path, names: Sequence[str], what: str, hint: str) -> None:
-    missing = [n for n in names if not (folder / n).is_file()]
+def _missing(folder: Path, names: Sequence[str]) -> list[str]:
+    return [n for n in names if not (folder / n).is_file()]
+
+
+def _require_files(folder: Path, names: Sequence[str], name: str, where: _DataDir) -> None:
+    missing = _missing(folder, names)
     if missing:
-        raise FileNotFoundError(
-            f"{what}: missing {', '.join(str(folder / n) for n in missing)}. {hint}"
+        raise _not_found(
+            name, f"searched {folder} for {', '.join(names)} (missing: {', '.join(missing)})", where
         )
 
 
@@ -319,67 +434,182 @@ def _duplicate_groups(x: np.ndarray, extra_pairs: Iterable[tuple[int, int]] = ()
     return [g for g in groups.values() if len(g) > 1]
 
 
-# ----------------------------------------------------------------------- CIFAR-100
-def _unpickle_checked(path: Path, md5: str | None) -> dict:
+# ------------------------------------------------------------- CIFAR-10 / CIFAR-100
+@dataclass(frozen=True)
+class _CifarSpec:
+    """One official CIFAR python version: its folder, archive, files and md5 table."""
+
+    name: str
+    folder: str
+    archive: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    label_key: str
+    names_key: str
+    md5_table: str  # module attribute, looked up at call time (tests patch it)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    torchvision_class: str
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train, *self.test, self.meta)
+
+    def md5(self) -> Mapping[str, str]:
+        return globals()[self.md5_table]
+
+
+_CIFAR_SPECS = {
+    "cifar100": _CifarSpec(
+        "cifar100",
+        "cifar-100-python",
+        "cifar-100-python.tar.gz",
+        ("train",),
+        ("test",),
+        "meta",
+        "fine_labels",
+        "fine_label_names",
+        "CIFAR100_MD5",
+        CIFAR100_MEAN,
+        CIFAR100_STD,
+        "CIFAR100",
+    ),
+    "cifar10": _CifarSpec(
+        "cifar10",
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        "labels",
+        "label_names",
+        "CIFAR10_MD5",
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        "CIFAR10",
+    ),
+}
+
+
+def _md5_mismatch(what: str, expected: str | None, got: str, action: str) -> DataIntegrityError:
+    return DataIntegrityError(
+        f"md5 mismatch for {what}: expected {expected}, got {got}; refusing to {action} it "
+        f"(only the official CIFAR python files are accepted)"
+    )
+
+
+def _unpickle_checked(payload: bytes, md5: str | None, what: str) -> dict:
+    """Unpickle ``payload`` only if its md5 is ``md5`` (the bytes hashed are the bytes
+    unpickled, so a file swapped in between cannot slip through)."""
     import pickle  # only ever reached after the md5 check below
 
-    got = _file_digest(path, "md5")
+    got = hashlib.md5(payload).hexdigest()
     if md5 is None or got != md5:
-        raise DataIntegrityError(
-            f"md5 mismatch for {path}: expected {md5}, got {got}; refusing to unpickle it "
-            f"(only the official cifar-100-python files are accepted)"
-        )
-    with open(path, "rb") as f:
-        obj = pickle.load(f, encoding="bytes")
+        raise _md5_mismatch(what, md5, got, "unpickle")
+    obj = pickle.loads(payload, encoding="bytes")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _cifar_arrays(batch: Mapping) -> tuple[np.ndarray, np.ndarray]:
-    data = np.asarray(batch["data"], dtype=np.uint8)
+def _torchvision_download(spec: _CifarSpec, root: Path) -> str | None:
+    """Try ``torchvision.datasets.<CIFAR>(root, download=True)``; the error, if any.
+
+    Returns None when torchvision is not installed (nothing tried) or it succeeded.
+    """
+    try:
+        import torchvision.datasets as tv_datasets
+    except ImportError:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        getattr(tv_datasets, spec.torchvision_class)(root=str(root), train=True, download=True)
+    except (OSError, RuntimeError) as exc:  # offline, read-only folder, bad download
+        return f"torchvision download failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _find_cifar(spec: _CifarSpec, where: _DataDir) -> tuple[Path, bool]:
+    """The extracted folder (``False``) or the official archive (``True``) to read."""
+    folder = where.folder(spec.name, spec.folder, spec.meta)
+    if not _missing(folder, spec.files):
+        return folder, False
+    assert where.path is not None  # where.folder raised otherwise
+    archive = where.path / spec.archive
+    if archive.is_file():
+        return archive, True
+    failure = _torchvision_download(spec, where.path)
+    if failure is None and not _missing(where.path / spec.folder, spec.files):
+        return where.path / spec.folder, False
+    found = (
+        f"missing {', '.join(_missing(folder, spec.files))}"
+        if folder.is_dir()
+        else "no such folder"
+    )
+    searched = f"searched {folder} ({found}) and {archive} (no such file)"
+    if failure:
+        searched += f"; {failure}"
+    raise _not_found(spec.name, searched, where)
+
+
+def _cifar_payloads(
+    spec: _CifarSpec, source: Path, archive: bool
+) -> Iterator[tuple[str, str, bytes]]:
+    """``(file name, description, raw bytes)`` of each file of ``spec``.
+
+    From an archive, the archive's own md5 is checked first (nothing is read from a
+    tar that is not the official one); the members are read in memory, not extracted.
+    """
+    if not archive:
+        _verify_sha256sums(source, spec.files)
+        for n in spec.files:
+            yield n, str(source / n), (source / n).read_bytes()
+        return
+    _verify_sha256sums(source.parent, (source.name,))
+    expected = spec.md5().get(spec.archive)
+    got = _file_digest(source, "md5")
+    if expected is None or got != expected:
+        raise _md5_mismatch(str(source), expected, got, "open")
+    wanted = {f"{spec.folder}/{n}": n for n in spec.files}
+    seen: set[str] = set()
+    with tarfile.open(source, mode="r:*") as tar:
+        for m in tar:
+            if m.name in wanted and m.isfile() and m.name not in seen:
+                f = tar.extractfile(m)
+                assert f is not None
+                seen.add(m.name)
+                yield wanted[m.name], f"{source}:{m.name}", f.read()
+    absent = sorted(set(wanted) - seen)
+    if absent:
+        raise DataIntegrityError(f"{source} lacks {', '.join(absent)}")
+
+
+def _cifar_arrays(batches: Sequence[Mapping], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
     x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    y = np.asarray(batch["fine_labels"], dtype=np.int64)
+    y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
     return np.ascontiguousarray(x), y
 
 
-def _load_cifar100(data_dir: Path | None) -> ImageDataset:
-    files = ("train", "test", "meta")
-    hint = (
-        "Put the official CIFAR-100 python version (cifar-100-python.tar.gz from "
-        "https://www.cs.toronto.edu/~kriz/cifar.html, extracted) so that "
-        "<data_dir>/cifar-100-python/{train,test,meta} exist, and pass --data-dir or set "
-        "CKD_DATA_DIR; or install torchvision on a machine with internet access to "
-        "download it automatically."
-    )
-    folder = _dataset_folder(data_dir, "cifar-100-python", "meta")
-    if not all((folder / n).is_file() for n in files) and data_dir is not None:
-        try:
-            import torchvision  # noqa: F401  (optional, only for the download)
-        except ImportError:
-            pass
-        else:
-            from torchvision.datasets import CIFAR100
-
-            data_dir.mkdir(parents=True, exist_ok=True)
-            CIFAR100(root=str(data_dir), train=True, download=True)
-            CIFAR100(root=str(data_dir), train=False, download=True)
-            folder = data_dir / "cifar-100-python"
-    _require_files(folder, files, "CIFAR-100 not found", hint)
-    _verify_sha256sums(folder, files)
-    train = _unpickle_checked(folder / "train", CIFAR100_MD5.get("train"))
-    test = _unpickle_checked(folder / "test", CIFAR100_MD5.get("test"))
-    meta = _unpickle_checked(folder / "meta", CIFAR100_MD5.get("meta"))
-    x_train, y_train = _cifar_arrays(train)
-    x_test, y_test = _cifar_arrays(test)
-    num_classes = len(meta.get("fine_label_names", ())) or 100
+def _load_cifar(spec: _CifarSpec, where: _DataDir) -> ImageDataset:
+    """CIFAR-10 or CIFAR-100 from the official python version (folder or archive)."""
+    source, archive = _find_cifar(spec, where)
+    md5 = spec.md5()
+    parts = {
+        n: _unpickle_checked(payload, md5.get(n), what)
+        for n, what, payload in _cifar_payloads(spec, source, archive)
+    }
+    x_train, y_train = _cifar_arrays([parts[n] for n in spec.train], spec.label_key)
+    x_test, y_test = _cifar_arrays([parts[n] for n in spec.test], spec.label_key)
+    num_classes = len(parts[spec.meta].get(spec.names_key, ())) or int(y_train.max()) + 1
     return ImageDataset(
-        "cifar100",
+        spec.name,
         x_train,
         y_train,
         x_test,
         y_test,
         num_classes,
-        CIFAR100_MEAN,
-        CIFAR100_STD,
+        spec.mean,
+        spec.std,
         crop=32,
         pad=4,
     )
@@ -417,14 +647,9 @@ def iter_cifar10_jpeg(
                 return
 
 
-def _load_cifar10_jpeg(data_dir: Path | None) -> ImageDataset:
-    folder = _dataset_folder(data_dir, "cifar10-jpeg", CIFAR10_ARCHIVE)
-    _require_files(
-        folder,
-        (CIFAR10_ARCHIVE, "classes.txt"),
-        "CIFAR-10 JPEG copy not found",
-        "Expected the shared cifar10-jpeg folder (cifar10-jpeg.tar.xz, classes.txt).",
-    )
+def _load_cifar10_jpeg(where: _DataDir) -> ImageDataset:
+    folder = where.folder("cifar10-jpeg", "cifar10-jpeg", CIFAR10_ARCHIVE)
+    _require_files(folder, (CIFAR10_ARCHIVE, "classes.txt"), "cifar10-jpeg", where)
     digests = _verify_sha256sums(folder, (CIFAR10_ARCHIVE, "classes.txt"))
     classes = (folder / "classes.txt").read_text().split()
     archive = folder / CIFAR10_ARCHIVE
@@ -516,14 +741,9 @@ def cars_split(
     return stratified_group_split(y, test_fraction=test_fraction, seed=seed, train_only=forced)
 
 
-def _load_cars64(data_dir: Path | None, seed: int) -> ImageDataset:
-    folder = _dataset_folder(data_dir, "stanford-cars-train64", CARS_ARCHIVE)
-    _require_files(
-        folder,
-        (CARS_ARCHIVE,),
-        "Stanford Cars (train64) not found",
-        "Expected the shared stanford-cars-train64 folder (cars-train64-jpeg.tar.xz).",
-    )
+def _load_cars64(where: _DataDir, seed: int) -> ImageDataset:
+    folder = where.folder("cars64", "stanford-cars-train64", CARS_ARCHIVE)
+    _require_files(folder, (CARS_ARCHIVE,), "cars64", where)
     digests = _verify_sha256sums(folder, (CARS_ARCHIVE, "classes.txt"))
     archive = folder / CARS_ARCHIVE
     sha = digests.get(CARS_ARCHIVE) or sha256_file(archive)
@@ -560,9 +780,14 @@ def _load_cars64(data_dir: Path | None, seed: int) -> ImageDataset:
 
 # ------------------------------------------------------------------------- digits
 def _load_digits(seed: int) -> ImageDataset:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
+        d = load_digits()
+    except (ImportError, OSError) as exc:  # scikit-learn or its bundled files missing
+        raise _not_found(
+            "digits", f"{type(exc).__name__}: {exc}", _DataDir(None, "unused")
+        ) from exc
     x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
     y = d.target.astype(np.int64)
     tr, te = stratified_group_split(y, test_fraction=0.2, seed=seed)
@@ -579,13 +804,13 @@ def load_dataset(
     name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0
 ) -> ImageDataset:
     """Load dataset ``name`` (one of ``DATASET_NAMES``); ``seed`` seeds made splits."""
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    if name == "cifar100":
-        return _load_cifar100(root)
+    where = _DataDir.resolve(data_dir)
+    if name in _CIFAR_SPECS:
+        return _load_cifar(_CIFAR_SPECS[name], where)
     if name == "cifar10-jpeg":
-        return _load_cifar10_jpeg(root)
+        return _load_cifar10_jpeg(where)
     if name == "cars64":
-        return _load_cars64(root, seed)
+        return _load_cars64(where, seed)
     if name == "digits":
         return _load_digits(seed)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_NAMES)}")

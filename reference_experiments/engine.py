@@ -30,7 +30,6 @@ once per epoch.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -178,6 +177,7 @@ def train(
     trials: list[tuple[int, float]] = []  # (run index, lr)
     learners: list[Learner] = []
     gens: list[torch.Generator] = []
+    contexts: list[methods.MethodContext] = []
     for i, cfg in enumerate(configs):
         train_ids, val_ids = split_subset(len(dataset.x_train), cfg.budget, cfg.seed)
         y_train = _to(device, dataset.y_train[train_ids]).long()
@@ -191,6 +191,7 @@ def train(
             student_shapes=s_shapes,
             teacher_shapes=t_shapes,
         )
+        contexts.append(ctx)
         cache, calls, new_calls = {}, 0, 0
         if method_cls.uses_teacher:
             feature_ids = method_cls(ctx).teacher_features(len(t_shapes))
@@ -225,7 +226,12 @@ def train(
     samplers = [learner.method for learner in learners]
     params, buffers = stack_module_state(learners)
     params = {k: v.detach() for k, v in params.items()}
-    base = copy.deepcopy(learners[0]).to("meta")
+    with torch.device("meta"):  # a template for functional_call (cheaper than a deepcopy)
+        base = Learner(
+            create_model(cfg0.student_arch, dataset.num_classes, dataset.in_channels),
+            methods.build(cfg0.method, contexts[0]),
+            device,
+        )
     per_trial = [runs[i] for i, _ in trials]
     x_train = torch.stack([r.x_train for r in per_trial])
     y_train = torch.stack([r.y_train for r in per_trial])
@@ -276,11 +282,12 @@ def train(
 
     @torch.no_grad()
     def evaluate(p: Tensors, b: Tensors, x_u8: torch.Tensor, y: torch.Tensor, shared: bool):
-        """Per-trial accuracy ``(R,)`` and penultimate features ``(R, N, D)``;
-        ``shared``: one image set for all trials."""
+        """Per-trial accuracy ``(R,)``, whether every output was finite ``(R,)`` and
+        penultimate features ``(R, N, D)`` (``shared``: one image set for all trials)."""
         base.eval()
         r = next(iter(p.values())).shape[0]
         correct = torch.zeros(r, device=device)
+        finite = torch.ones(r, dtype=torch.bool, device=device)
         feats = []
         chunk = max(1, cfg0.eval_batch_size // (1 if shared else r))
         n = x_u8.shape[0] if shared else x_u8.shape[1]
@@ -295,10 +302,11 @@ def train(
                 logits, f = vmap(predict)(p, b, xb)
                 yb = y[:, s0 : s0 + chunk]
             correct += (logits.argmax(-1) == yb).sum(-1)
+            finite &= torch.isfinite(logits).flatten(1).all(1)
             if shared:
                 feats.append(f)
         base.train()
-        return correct / n, (torch.cat(feats, dim=1) if feats else None)
+        return correct / n, finite, (torch.cat(feats, dim=1) if feats else None)
 
     base.train()
     epoch = 0
@@ -332,14 +340,16 @@ def train(
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0
         images += steps_per_epoch * idx.shape[1] * len(active)
-        mean_loss = (loss_sum / steps_per_epoch).tolist()
-        val, _ = evaluate(params, buffers, x_val[active_index], y_val[active_index], shared=False)
+        val, ok, _ = evaluate(params, buffers, x_val[active_index], y_val[active_index], False)
+        ok &= torch.stack([torch.isfinite(v).flatten(1).all(1) for v in params.values()]).all(0)
+        # diverged: the epoch's loss, a parameter or a validation output is not finite
+        mean_loss = torch.where(ok, loss_sum / steps_per_epoch, torch.nan).tolist()
         val_list = val.tolist()
         improved, reload, leave = [], [], []
         for a, j in enumerate(active):
-            if not math.isfinite(mean_loss[a]):
+            if not math.isfinite(mean_loss[a]):  # the loss or a parameter blew up
                 diverged.add(j)
-                schedules[j].done = True
+                schedules[j].done, schedules[j].epoch = True, epoch
                 leave.append(a)
                 continue
             event = schedules[j].update(val_list[a])
@@ -354,12 +364,16 @@ def train(
         _copy_rows(reload, best_params, params)
         _copy_rows(reload, best_buffers, buffers)
         if log is not None:
-            line = " ".join(
-                f"{configs[trials[j][0]].method}/s{configs[trials[j][0]].seed}/lr{trials[j][1]:g}"
-                f"={val_list[a]:.3f}"
+            cap = max(schedules[j].max_epochs for j in active)
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / epoch * (cap - epoch)
+            line = ", ".join(
+                f"{configs[trials[j][0]].method} s{configs[trials[j][0]].seed} "
+                f"lr {trials[j][1]:g} (now {trials[j][1] * schedules[j].lr_factor(step_no):.3g}) "
+                f"val {val_list[a]:.3f}"
                 for a, j in enumerate(active)
             )
-            log(f"epoch {epoch}: val {line}")
+            log(f"epoch {epoch}/{cap} ({elapsed:.0f} s, at most {eta:.0f} s left): {line}")
         if leave:
             for a in leave:
                 j = active[a]
@@ -377,7 +391,7 @@ def train(
     all_p = _stack([final[j][0] for j in range(n_trials)])
     all_b = _stack([final[j][1] for j in range(n_trials)])
     x_test, y_test = _to(device, dataset.x_test), _to(device, dataset.y_test).long()
-    test_acc, test_feats = evaluate(all_p, all_b, x_test, y_test, shared=True)
+    test_acc, _, test_feats = evaluate(all_p, all_b, x_test, y_test, shared=True)
     wall = time.perf_counter() - t_start
     out = []
     for i, cfg in enumerate(configs):
@@ -386,7 +400,7 @@ def train(
         chosen = best_on_validation(ok, lambda j: schedules[j].best_val)
         spec: list[float] = []
         dims = None
-        if chosen is not None:
+        if chosen is not None and bool(torch.isfinite(test_feats[chosen]).all()):
             sv = within_class_spectrum(test_feats[chosen], y_test)
             spec, dims = [round(v, 6) for v in sv[:64].tolist()], flat_dims(sv)
         j = chosen if chosen is not None else mine[0]
@@ -400,6 +414,9 @@ def train(
                     new_teacher_calls=runs[i].new_calls,
                     lr_used=trials[j][1],
                     lrs_tried=[trials[q][1] for q in mine],
+                    best_val_by_lr=[
+                        math.nan if q in diverged else schedules[q].best_val for q in mine
+                    ],
                     lrs_diverged=[trials[q][1] for q in mine if q in diverged],
                     best_val_acc=sched.best_val if chosen is not None else math.nan,
                     test_acc=float(test_acc[j]) if chosen is not None else math.nan,

@@ -37,6 +37,7 @@ from .rows import atomic_write_bytes, read_rows
 
 DATASET_NAMES = {
     "cifar100": "CIFAR-100",
+    "cifar10": "CIFAR-10",
     "cifar10-jpeg": "CIFAR-10 (JPEG q75 copy)",
     "cars64": "Stanford Cars (training half, 64×64, seeded 80/20 split)",
     "digits": "scikit-learn digits (8×8, 10 classes)",

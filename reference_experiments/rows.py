@@ -36,7 +36,8 @@ class ResultRow:
     """What one run produced (its config travels beside it, see :meth:`to_json`).
 
     Accuracies are fractions in [0, 1]; ``test_acc`` is the best-validation
-    checkpoint's, of the lr chosen on validation (``lr_used``); ``ran_on``: the device
+    checkpoint's, of the lr chosen on validation (``lr_used``; each tried lr's best
+    validation accuracy in ``best_val_by_lr``, NaN where it diverged); ``ran_on``: the device
     used (the config's ``device`` may say ``auto``). ``flat_dims``:
     directions holding 90% of the within-class variance of the student's
     penultimate features on test images (Fig. 5); ``spectrum``: the normalised
@@ -48,6 +49,7 @@ class ResultRow:
     new_teacher_calls: int
     lr_used: float
     lrs_tried: list[float]
+    best_val_by_lr: list[float]
     lrs_diverged: list[float]
     best_val_acc: float
     test_acc: float

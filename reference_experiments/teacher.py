@@ -85,16 +85,28 @@ def save_teacher(model: nn.Module, out_dir: str | Path, name: str, meta: dict[st
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # One metadata key: safetensors does not keep key order, and the bytes (hence the
-    # sha256) should be reproducible.
-    header = {k: meta[k] for k in ("arch", "dataset", "num_classes", "in_channels") if k in meta}
-    blob = save(tensors, metadata={"ckd_teacher": json.dumps(header, sort_keys=True)})
+    # The metadata inside the weights file too (one key, sorted: safetensors does not
+    # keep key order), so a kill between the two writes loses nothing but the timings,
+    # which stay out to keep the bytes (and the sha256) reproducible.
+    volatile = ("train_seconds", "train_images_per_s", "file", "sha256")
+    kept = {k: v for k, v in meta.items() if k not in volatile}
+    blob = save(tensors, metadata={"ckd_teacher": json.dumps(kept, sort_keys=True)})
     out = Path(out_dir)
     weights = out / f"{name}.safetensors"
     atomic_write_bytes(weights, blob)
     meta = {**meta, "file": weights.name, "sha256": hashlib.sha256(blob).hexdigest()}
     atomic_write_bytes(out / f"{name}.json", (json.dumps(meta, indent=2) + "\n").encode())
     return weights
+
+
+def _header_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header (no tensor is read)."""
+    if len(blob) < 8:
+        raise ValueError("file too short for a safetensors header")
+    size = int.from_bytes(blob[:8], "little")
+    if size > len(blob) - 8:
+        raise ValueError("truncated safetensors header")
+    return dict(json.loads(blob[8 : 8 + size]).get("__metadata__") or {})
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -111,16 +123,25 @@ def load_teacher(
 
     Checks the safetensors file's sha256 against the JSON metadata first (raises
     ``ValueError`` on mismatch), then loads the bytes already hashed with
-    safetensors (no pickle). Returns ``(model in eval mode on device, metadata)``.
+    safetensors (no pickle). A missing JSON (a kill between the two writes) is
+    rebuilt from the metadata inside the weights file. Returns ``(model in eval
+    mode on device, metadata)``.
     """
     from safetensors.torch import load
 
     weights, meta_path = _paths(path)
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"teacher metadata {meta_path} not found")
-    meta = json.loads(meta_path.read_text())
+    if not weights.is_file():
+        raise FileNotFoundError(f"teacher file {path} not found")
     blob = weights.read_bytes()
     got = hashlib.sha256(blob).hexdigest()
+    if not meta_path.is_file():
+        try:
+            header = _header_metadata(blob)
+            meta = {**json.loads(header["ckd_teacher"]), "file": weights.name, "sha256": got}
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{weights} is not a teacher saved by this package: {e}") from None
+        atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    meta = json.loads(meta_path.read_text())
     if got != meta.get("sha256"):
         raise ValueError(
             f"sha256 mismatch for {weights}: metadata says {meta.get('sha256')}, file has "

@@ -72,6 +72,7 @@ def query_teacher(
     def call(x_np: np.ndarray) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(x_np)).to(device)
         x = preprocess_eval(x, dataset) if cfg.teacher_view == "clean" else augment(x, dataset, gen)
+        x = x.to(next(model.parameters()).dtype)
         with autocast(device):
             logits, feats = model(x, return_features=True)
         out = {"logits": logits.float().cpu().numpy()}

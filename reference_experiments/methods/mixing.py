@@ -36,7 +36,8 @@ class _Mixing(Method):
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.cursor = PoolCursor(ctx.n_train, self.k, 0, ctx.seed)
+        # ordered first image, then the others (official MixupSample: ordered pairs)
+        self.cursor = PoolCursor(ctx.n_train, 1, self.k - 1, ctx.seed)
 
     def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
         ctx = self.ctx

@@ -8,6 +8,8 @@ import io
 import pickle
 import sys
 import tarfile
+import types
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from reference_experiments.augment import augment, preprocess_eval  # noqa: E402
 from reference_experiments.data import (  # noqa: E402
     CARS_DUPLICATE_PAIRS,
     DataIntegrityError,
+    DatasetNotFoundError,
     ImageDataset,
     cars_split,
     load_dataset,
@@ -147,6 +150,264 @@ def test_cifar100_missing_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # no download path
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         load_dataset("cifar100", tmp_path)
+
+
+def _tar_gz(folder: Path, archive: Path) -> Path:
+    """The official archive layout: ``<folder name>/<file>`` members, gzip."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+def test_cifar100_from_official_archive(tmp_path, monkeypatch):
+    folder, arrays = _make_cifar100(tmp_path / "src")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = _tar_gz(folder, data_dir / "cifar-100-python.tar.gz")
+    for name in ("train", "test", "meta"):
+        monkeypatch.setitem(data.CIFAR100_MD5, name, _md5(folder / name))
+    monkeypatch.setitem(data.CIFAR100_MD5, archive.name, _md5(archive))
+    ds = load_dataset("cifar100", data_dir)
+    np.testing.assert_array_equal(ds.x_train, arrays["train"][0])
+    np.testing.assert_array_equal(ds.y_test, arrays["test"][1])
+    assert not (data_dir / "cifar-100-python").exists()  # read in memory, not extracted
+
+
+# ------------------------------------------------------------------------- CIFAR-10
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch", "batches.meta")  # fmt: skip
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                  "ship", "truck"]  # fmt: skip
+
+
+def _make_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> tuple[Path, dict]:
+    """Small arrays pickled in the official ``cifar-10-batches-py`` layout."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    xs, ys = [], []
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, size=n).tolist()
+        batch = {
+            b"batch_label": f"{name} of 5".encode(),
+            b"labels": y,
+            b"data": x.transpose(0, 3, 1, 2).reshape(n, 3072),  # R plane, G plane, B plane
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        if name != "test_batch":
+            xs.append(x)
+            ys += y
+        else:
+            test = (x, y)
+    meta = {
+        b"num_cases_per_batch": per_batch,
+        b"label_names": [c.encode() for c in CIFAR10_LABELS],
+        b"num_vis": 3072,
+    }
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return folder, {"train": (np.concatenate(xs), ys), "test": test}
+
+
+def _register_cifar10(monkeypatch, folder: Path, archive: Path | None = None) -> None:
+    for name in CIFAR10_FILES:
+        monkeypatch.setitem(data.CIFAR10_MD5, name, _md5(folder / name))
+    if archive is not None:
+        monkeypatch.setitem(data.CIFAR10_MD5, archive.name, _md5(archive))
+
+
+def test_cifar10_md5_table_is_the_official_one():
+    assert "cifar10" in data.DATASET_NAMES
+    assert data.CIFAR10_MD5 == {
+        "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    }
+    assert data.CIFAR100_MD5["cifar-100-python.tar.gz"] == "eb9058c3a382ffc7106e4002c42a8d85"
+
+
+def test_cifar10_loader_on_generated_official_folder(tmp_path, monkeypatch):
+    folder, arrays = _make_cifar10(tmp_path)
+    _register_cifar10(monkeypatch, folder)
+    ds = load_dataset("cifar10", tmp_path)
+    assert ds.name == "cifar10" and ds.num_classes == 10
+    assert (ds.crop, ds.pad, ds.split_seed, ds.flip) == (32, 4, None, True)
+    assert (ds.mean, ds.std) == (data.CIFAR10_MEAN, data.CIFAR10_STD)
+    assert ds.x_train.dtype == np.uint8 and ds.x_train.shape == (20, 32, 32, 3)
+    assert ds.y_train.dtype == np.int64 and ds.x_test.shape == (6, 32, 32, 3)
+    # batches 1..5 in order, channel order/layout as in the official files
+    np.testing.assert_array_equal(ds.x_train, arrays["train"][0])
+    np.testing.assert_array_equal(ds.y_train, arrays["train"][1])
+    np.testing.assert_array_equal(ds.x_test, arrays["test"][0])
+    np.testing.assert_array_equal(ds.y_test, arrays["test"][1])
+    # the dataset folder itself is accepted as data_dir too
+    assert load_dataset("cifar10", folder).x_test.shape == (6, 32, 32, 3)
+
+
+def test_cifar10_from_official_archive(tmp_path, monkeypatch):
+    folder, arrays = _make_cifar10(tmp_path / "src")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = _tar_gz(folder, data_dir / "cifar-10-python.tar.gz")
+    _register_cifar10(monkeypatch, folder, archive)
+    ds = load_dataset("cifar10", data_dir)
+    np.testing.assert_array_equal(ds.x_train, arrays["train"][0])
+    np.testing.assert_array_equal(ds.y_test, arrays["test"][1])
+    assert not (data_dir / "cifar-10-batches-py").exists()  # read in memory, not extracted
+    # SHA256SUMS beside the archive is honoured too
+    (data_dir / "SHA256SUMS").write_text("0" * 64 + "  cifar-10-python.tar.gz\n")
+    with pytest.raises(DataIntegrityError, match="sha256 mismatch"):
+        load_dataset("cifar10", data_dir)
+
+
+def test_cifar10_md5_mismatch_raises_before_unpickling(tmp_path, monkeypatch):
+    folder, _ = _make_cifar10(tmp_path)
+    marker = tmp_path / "unpickled"
+    # generated files do not match the published md5s in data.CIFAR10_MD5
+    with pytest.raises(DataIntegrityError, match="md5 mismatch for .*data_batch_1"):
+        load_dataset("cifar10", tmp_path)
+    # a batch swapped after the table was registered: named, and never unpickled
+    _register_cifar10(monkeypatch, folder)
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"x": _Boom(str(marker))}, protocol=2))
+    with pytest.raises(DataIntegrityError, match="md5 mismatch for .*data_batch_3"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar10_archive_md5_checked_before_reading(tmp_path, monkeypatch):
+    folder, _ = _make_cifar10(tmp_path / "src")
+    marker = tmp_path / "unpickled"
+    _register_cifar10(monkeypatch, folder)  # member md5s of the genuine files
+    (folder / "test_batch").write_bytes(pickle.dumps({b"x": _Boom(str(marker))}, protocol=2))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = _tar_gz(folder, data_dir / "cifar-10-python.tar.gz")
+    # the archive itself is not the official one (published md5 still in the table)
+    with pytest.raises(DataIntegrityError, match="md5 mismatch for .*cifar-10-python.tar.gz"):
+        load_dataset("cifar10", data_dir)
+    assert not marker.exists()
+    # archive md5 registered, but one member differs from its md5: named, not unpickled
+    monkeypatch.setitem(data.CIFAR10_MD5, archive.name, _md5(archive))
+    with pytest.raises(DataIntegrityError, match="tar.gz:cifar-10-batches-py/test_batch"):
+        load_dataset("cifar10", data_dir)
+    assert not marker.exists()
+    # a registered archive lacking a member
+    folder, _ = _make_cifar10(tmp_path / "src2")
+    _register_cifar10(monkeypatch, folder)
+    (folder / "data_batch_5").unlink()
+    short = tmp_path / "short"
+    short.mkdir()
+    archive = _tar_gz(folder, short / "cifar-10-python.tar.gz")
+    monkeypatch.setitem(data.CIFAR10_MD5, archive.name, _md5(archive))
+    with pytest.raises(DataIntegrityError, match="lacks cifar-10-batches-py/data_batch_5"):
+        load_dataset("cifar10", short)
+
+
+def _fake_torchvision(monkeypatch, cifar10) -> None:
+    tv = types.ModuleType("torchvision")
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.CIFAR10 = cifar10  # type: ignore[attr-defined]
+    tv.datasets = datasets  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+
+
+def test_cifar10_torchvision_download_used_when_installed(tmp_path, monkeypatch):
+    src, arrays = _make_cifar10(tmp_path / "src")
+    _register_cifar10(monkeypatch, src)
+    calls = []
+
+    def fake_cifar10(root, train, download):  # what torchvision leaves under root
+        calls.append((root, train, download))
+        dest = Path(root) / "cifar-10-batches-py"
+        dest.mkdir(parents=True)
+        for name in CIFAR10_FILES:
+            (dest / name).write_bytes((src / name).read_bytes())
+
+    _fake_torchvision(monkeypatch, fake_cifar10)
+    ds = load_dataset("cifar10", tmp_path / "data")
+    assert calls == [(str(tmp_path / "data"), True, True)]
+    np.testing.assert_array_equal(ds.x_train, arrays["train"][0])
+
+
+# ----------------------------------------------------------- missing data: one line
+def _one_line_error(name: str, data_dir=None) -> str:
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset(name, data_dir)
+    assert isinstance(info.value, DatasetNotFoundError)
+    msg = str(info.value)
+    assert "\n" not in msg and "\r" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    "name, folder, remedy",
+    [
+        ("cifar100", "cifar-100-python", ["torchvision.datasets.CIFAR100(", "download=True",
+         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]),
+        ("cifar10", "cifar-10-batches-py", ["torchvision.datasets.CIFAR10(", "download=True",
+         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "--dataset cifar10-jpeg"]),
+        ("cifar10-jpeg", "cifar10-jpeg", ["cifar10-jpeg.tar.xz", "classes.txt",
+         str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"), "--dataset cifar10"]),
+        ("cars64", "stanford-cars-train64", ["cars-train64-jpeg.tar.xz", "StanfordCars",
+         str(ROOT.parent / "shared" / "data" / "stanford-cars-train64"), "64x64"]),
+    ],
+)  # fmt: skip
+def test_missing_dataset_message(tmp_path, monkeypatch, name, folder, remedy):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # no download path
+    msg = _one_line_error(name, tmp_path)
+    assert str(tmp_path / folder) in msg  # the folder searched
+    assert f"data dir {tmp_path} from --data-dir" in msg
+    assert "$CKD_DATA_DIR" in msg and str(ROOT.parent / "shared" / "data") in msg  # default
+    for needle in remedy:
+        assert needle in msg, needle
+    if name.startswith("cifar1") and name != "cifar10-jpeg":
+        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+        assert f"{tmp_path / archive} (no such file)" in msg
+    # the same through $CKD_DATA_DIR names that origin
+    monkeypatch.setenv("CKD_DATA_DIR", str(tmp_path))
+    assert f"data dir {tmp_path} from $CKD_DATA_DIR" in _one_line_error(name)
+
+
+def test_missing_message_lists_missing_files_of_partial_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    folder, _ = _make_cifar10(tmp_path)
+    (folder / "data_batch_4").unlink()
+    (folder / "batches.meta").unlink()
+    msg = _one_line_error("cifar10", tmp_path)
+    assert f"searched {folder} (missing data_batch_4, batches.meta)" in msg
+
+
+def test_missing_message_without_any_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("CKD_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "_repo_root", lambda: tmp_path / "repo")  # no ../shared/data
+    assert data.default_data_dir() is None
+    for name in ("cifar100", "cifar10", "cifar10-jpeg", "cars64"):
+        msg = _one_line_error(name)
+        assert "no data directory" in msg and "--data-dir" in msg and "$CKD_DATA_DIR" in msg
+        assert str(tmp_path / "shared" / "data") in msg  # the default that does not exist
+
+
+def test_cifar10_failed_download_still_one_line(tmp_path, monkeypatch):
+    def offline(root, train, download):
+        raise urllib.error.URLError("[Errno -3] Temporary failure\nin name resolution")
+
+    _fake_torchvision(monkeypatch, offline)
+    msg = _one_line_error("cifar10", tmp_path)
+    assert "torchvision download failed (URLError" in msg
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in msg
+
+
+def test_digits_missing_scikit_learn_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    msg = _one_line_error("digits")
+    assert "bundles" in msg and "scikit-learn" in msg and "pip install scikit-learn" in msg
 
 
 # --------------------------------------------------------------------- CIFAR-10 JPEG

@@ -74,6 +74,7 @@ def fake_row(run: RunConfig, acc: float | None = None, spectrum_len: int = 0) ->
         new_teacher_calls=calls,
         lr_used=run.lrs[0],
         lrs_tried=list(run.lrs),
+        best_val_by_lr=[acc] * len(run.lrs),
         lrs_diverged=[] if math.isfinite(acc) else list(run.lrs),
         best_val_acc=acc,
         test_acc=acc,
@@ -311,9 +312,9 @@ def test_run_grid_resume(tmp_path):
     got = rows.read_rows(res)
     assert [r["run_id"] for r in got] == [r.run_id() for r in runs]  # config order
     for r, run in zip(got, runs, strict=True):
-        # the stored config gives back the run (the row's "device" is where it ran)
-        assert RunConfig.from_dict(r).identity() == run.identity() and r["finished_at"]
-        assert r["run_id"] == run.run_id() and r["device"] == "cpu"
+        # the stored config gives back the run; "ran_on" is where it ran
+        assert RunConfig.from_dict(r) == run and r["finished_at"]
+        assert r["run_id"] == run.run_id() and r["ran_on"] == "cpu"
         assert r["test_acc"] == fake_row(run).test_acc
     assert [r["grid"] for r in got] == [None, None, "tiny", "tiny", "tiny"]
     assert got[-1]["paper_dataset"] == "cifar100"
@@ -430,7 +431,8 @@ def trainer(chunk):
         acc = 0.5 + 0.0001 * r.budget + 0.01 * r.seed
         out.append((r, ResultRow(
             run_id=r.run_id(), teacher_calls=1, new_teacher_calls=1, lr_used=0.05,
-            lrs_tried=[0.05], lrs_diverged=[], best_val_acc=acc, test_acc=acc, best_epoch=1,
+            lrs_tried=[0.05], best_val_by_lr=[acc], lrs_diverged=[], best_val_acc=acc,
+            test_acc=acc, best_epoch=1,
             epochs=1, epoch_cap=1, phases_reached=1, steps=1, total_steps=1, n_train=1,
             n_val=1, train_images_per_s=1.0, stack_images_per_s=1.0, stacked_runs=len(chunk),
             wall_s=SLEEP, ran_on="cpu", spectrum=[0.123456789] * SPECTRUM)))

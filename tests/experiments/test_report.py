@@ -61,6 +61,7 @@ def make_row(
         new_teacher_calls=0,
         lr_used=0.05 if lr is None else lr,
         lrs_tried=list(c.lrs),
+        best_val_by_lr=[val] * len(c.lrs),
         lrs_diverged=[],
         best_val_acc=val,
         test_acc=test,
