@@ -5,8 +5,8 @@ digits, then distills ``digits_mlp`` students with CE only / KD / RKD / CKD
 (all in-batch pairs) at 3 budgets x 3 seeds through the grid runner (the three
 seeds of a method and budget train as one stack), and prints the report.
 Everything lands in ``--out`` (default ``runs/quickstart``): ``results.jsonl``
-(resumable: a rerun reuses finished runs), ``report/report.md`` with its
-figures, and ``teacher/``.
+(resumable: a rerun reuses finished runs), ``report.md`` with its figures, and
+``teacher/``. The committed copy is ``reference_experiments/results/quickstart/``.
 
 Budget = size n of the seeded subset of the digits training split: 80% trains the
 student (teacher calls = those images), 20% validates. Students follow the ``paper``
@@ -77,7 +77,7 @@ def main(out: str | os.PathLike[str] = "runs/quickstart") -> Path:
     runs = grid.expand(cfg)
     results = out / "results.jsonl"
     grid.run_grid(runs, results, grid.Runner(cfg), stack=len(SEEDS), grid_name="quickstart")
-    path = report.make_report([results], out / "report")
+    path = report.make_report([results], out)
     print(path.read_text(encoding="utf-8"))
     print(f"quick start: {len(runs)} student runs, wall {time.perf_counter() - t0:.1f} s")
     print(f"wrote {results} and {path}", file=sys.stderr)

@@ -59,10 +59,10 @@ def test_quickstart_reduced(tmp_path, capsys, monkeypatch, restore_torch_globals
 
     path = quickstart.main(out)
     printed = capsys.readouterr().out
-    assert path == out / "report" / "report.md" and path.is_file()
+    assert path == out / "report.md" and path.is_file()
     assert "| CE only |" in printed and "| CKD (all pairs) |" in printed
     assert "quick start: 2 student runs" in printed
-    assert list((out / "report").glob("*.png"))
+    assert list(out.glob("*.png"))
     teacher_files = sorted((out / "teacher").rglob("*.safetensors"))
     assert len(teacher_files) == 1
     results = out / "results.jsonl"
