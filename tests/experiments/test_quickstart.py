@@ -182,3 +182,14 @@ def test_student_unknown_method_lists_every_method(capsys):
     assert rc == 2
     for name in methods.names():
         assert name in err
+
+
+def test_readme_quickstart_table_is_the_committed_report():
+    """The README's quick start table is Table 2 of the committed report."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- quickstart-table -->\n", "<!-- /quickstart-table -->"
+    table = readme[readme.index(start) + len(start) : readme.index(end)].strip().splitlines()
+    md = (COMMITTED / "report.md").read_text(encoding="utf-8")
+    after = md[md.index("**Table 2") :]
+    committed = _table_lines(after)[: len(table)]
+    assert table and table == committed
