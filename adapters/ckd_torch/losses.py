@@ -26,13 +26,17 @@ def _autocast_enabled(device_type: str) -> bool:
         return True
 
 
-def _check_tensor(x: Any, role: str, loss: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"ckd_torch.{loss} expects torch.Tensor inputs, got {role} of type "
-            f"{type(x).__module__}.{type(x).__name__}; convert it with torch.as_tensor(...) "
-            "(or use ckd_core for NumPy arrays)."
-        )
+def _check_tensors(student: Any, teacher: Any, loss: str) -> None:
+    if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
+        return
+    role, x = ("student (input)", student)
+    if isinstance(student, torch.Tensor):
+        role, x = ("teacher (target)", teacher)
+    raise TypeError(
+        f"ckd_torch.{loss} expects torch.Tensor inputs, got {role} of type "
+        f"{type(x).__module__}.{type(x).__name__}; convert it with torch.as_tensor(...) "
+        "(or use ckd_core for NumPy arrays)."
+    )
 
 
 class _CoreLoss(torch.nn.Module):
@@ -88,8 +92,7 @@ class _CoreLoss(torch.nn.Module):
         sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss between ``student`` (input) and ``teacher`` (target), both ``(batch, dim)``."""
-        _check_tensor(student, "student (input)", type(self).__name__)
-        _check_tensor(teacher, "teacher (target)", type(self).__name__)
+        _check_tensors(student, teacher, type(self).__name__)
         return self._run(student, teacher, sample_weight=sample_weight)
 
     def extra_repr(self) -> str:
@@ -130,8 +133,7 @@ class ComparativeLoss(_CoreLoss):
         pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
         groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        _check_tensor(student, "student (input)", "ComparativeLoss")
-        _check_tensor(teacher, "teacher (target)", "ComparativeLoss")
+        _check_tensors(student, teacher, "ComparativeLoss")
         return self._run(
             student,
             teacher,

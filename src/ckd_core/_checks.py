@@ -68,7 +68,7 @@ def _dtype_name(x: Tensor) -> str:
 
 
 def _shape(x: Tensor) -> tuple[int | None, ...]:
-    return tuple(None if s is None else int(s) for s in x.shape)
+    return tuple(x.shape)
 
 
 def _as_tensor(x: Tensor, role: str) -> Tensor:

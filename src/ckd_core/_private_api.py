@@ -25,14 +25,24 @@ def torch_functorch_wrapped(x: Any) -> bool:
         return True
 
 
+def _keras_torch_get_device() -> Any:
+    try:
+        from keras.src.backend.torch.core import get_device
+    except ImportError:  # pragma: no cover - moved: the adapter always enters the scope
+        return lambda: ""
+    return get_device
+
+
+_GET_DEVICE: Any = None
+
+
 def keras_torch_device() -> str:
     """Keras' current torch device (what ``keras.device`` sets), e.g. ``"cpu"``.
 
     Keras 3 has no public getter; the torch adapter compares it with the
     student's device to skip a ``keras.device`` scope (~10-20 us per call).
     """
-    try:
-        from keras.src.backend.torch.core import get_device
-    except ImportError:  # pragma: no cover - moved: the adapter always enters the scope
-        return ""
-    return str(get_device())
+    global _GET_DEVICE
+    if _GET_DEVICE is None:  # looked up once, on the first call (torch backend only)
+        _GET_DEVICE = _keras_torch_get_device()
+    return str(_GET_DEVICE())
