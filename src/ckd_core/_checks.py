@@ -105,8 +105,10 @@ def _prepare(y_true: Tensor, y_pred: Tensor, *, min_batch: int = 0) -> tuple[Ten
     # Backend tensors are used as they are (no device move on torch: the
     # result stays on the inputs' device); ``ops.convert_to_tensor`` costs
     # more than a small loss itself, so only other inputs go through it.
-    y_pred = _as_tensor(y_pred, "y_pred")
-    y_true = _as_tensor(y_true, "y_true")
+    if not ops.is_tensor(y_pred):
+        y_pred = _as_tensor(y_pred, "y_pred")
+    if not ops.is_tensor(y_true):
+        y_true = _as_tensor(y_true, "y_true")
     out_dtype = _float_dtype(y_pred, "y_pred")
     _float_dtype(y_true, "y_true")
     true_shape, pred_shape = _shape(y_true), _shape(y_pred)
@@ -160,7 +162,8 @@ def _mean(x: Tensor, axis: int | None = None, keepdims: bool = False) -> Tensor:
     axes = range(len(x.shape)) if axis is None else (axis,)
     count: Any = 1
     for a in axes:
-        count = count * _size(x, a)
+        size = x.shape[a]
+        count = count * (ops.cast(ops.shape(x)[a], x.dtype) if size is None else size)
     return ops.sum(x, axis=axis, keepdims=keepdims) / count
 
 

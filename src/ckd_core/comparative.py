@@ -66,15 +66,16 @@ def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = N
     """
     if all_reduce is not None:
         return _global_all_pairs_mse(e, w, all_reduce)
-    d = _size(e, 1)
+    n, d = e.shape
     if w is None:
-        n = _num_rows(e)
-        if isinstance(n, int) and n < 2:
+        if n is not None and n < 2:
             return ops.sum(e * 0)
         # 2n sum||e_i - m||^2 / (n (n - 1) d)
-        if isinstance(n, int) and isinstance(d, int):
+        if n is not None and d is not None:
             return _centred_sum_of_squares(e) * (2 / ((n - 1) * d))
+        n, d = _num_rows(e), _size(e, 1)
         return _centred_sum_of_squares(e) * 2 / (ops.where(n > 1, n - 1, 1) * d)
+    d = _size(e, 1)
     w_col = w[:, None]
     total_w = ops.sum(w)
     mean = ops.sum(e * w_col, axis=0, keepdims=True) / ops.where(total_w > 0, total_w, 1)
@@ -220,8 +221,11 @@ def comparative_loss(
             raise ValueError(
                 f"pairs must be 'all' or a pair (a, b) of index vectors, got {pairs!r}."
             )
-        w, scale = _weights(sample_weight, e, n)
-        loss = _scale(_all_pairs_mse(e, w, all_reduce), scale)
+        if sample_weight is None:  # the hot path: no call overhead
+            loss = _all_pairs_mse(e, None, all_reduce)
+        else:
+            w, scale = _weights(sample_weight, e, n)
+            loss = _scale(_all_pairs_mse(e, w, all_reduce), scale)
     else:
         index_a, index_b = _index_pair(pairs, "pairs")
         a, bad_a = _indices(index_a, "pairs[0]", 1, e)

@@ -57,8 +57,11 @@ def kd_loss(
     log_p_student = ops.log_softmax(y_pred / temperature, axis=-1)
     log_p_teacher = ops.log_softmax(y_true / temperature, axis=-1)
     per_sample = ops.sum(ops.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
-    w, scale = _weights(sample_weight, y_pred, y_pred.shape[0])
-    loss = _scale(_weighted_mean(per_sample, w), scale) * temperature**2
+    if sample_weight is None:
+        loss = _mean(per_sample) * temperature**2
+    else:
+        w, scale = _weights(sample_weight, y_pred, y_pred.shape[0])
+        loss = _scale(_weighted_mean(per_sample, w), scale) * temperature**2
     return _cast(loss, out_dtype)
 
 
