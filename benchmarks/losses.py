@@ -87,8 +87,8 @@ def grid(name: str) -> list[Case]:
             *_cases("comparative", [1024], [100], f32, ["keras"], backend="tensorflow"),
         ]
     if name == "full":
-        # Sized for a shared 2-core CPU (about 40 minutes); the target cases of
-        # issue 5 come first. bfloat16 computes in float32 inside the losses.
+        # Sized for a shared 2-core CPU (about 40 minutes); the performance
+        # target cases come first. bfloat16 computes in float32 inside the losses.
         return [
             *_cases("comparative", [64, 4096], [100], f32, pairwise),
             *_cases("projected", [4096], [640], f32, projected),

@@ -72,7 +72,7 @@ def readme_section(report: dict[str, Any], source: str) -> str:
     m = meta["machine"]
     lines += [
         "",
-        "Targets (issue 5), from the same run:",
+        "Performance targets, from the same run:",
         "",
         *targets_table(report["targets"], no="no"),
         "",

@@ -1,4 +1,4 @@
-"""The issue's performance targets, computed from the rows of a run."""
+"""The performance targets (naive/native/projected ratios, memory), from a run's rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from report import find, peak_of
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets 1-4, from this run's rows."""
+    """Targets 1-4 (see ``benchmarks/results/README_performance.md``), from a run's rows."""
     out: list[dict[str, Any]] = []
     f32 = {"dtype": "float32", "backend": "torch"}
 

@@ -1,14 +1,10 @@
-"""Reference experiments for the RTI-KD setting (issue 3).
+"""Reference experiments: distillation under a teacher-call budget, in PyTorch.
 
-Submodules (import them explicitly; this package import stays light):
-
-- ``reference_experiments.data``: dataset loaders (``load_dataset``) returning
-  uint8 ``ImageDataset`` arrays (CIFAR-100, CIFAR-10 JPEG copy, Stanford Cars 64x64,
-  scikit-learn digits).
-- ``reference_experiments.augment``: batched on-device augmentation and eval
-  preprocessing.
-- ``reference_experiments.models``: ``create_model`` for the RepDistiller CIFAR
-  architectures and the digits CNN/MLP pair.
-- ``reference_experiments.teacher``: teacher training, safetensors save/load,
-  evaluation.
+The paper's protocol through the torch adapter (see the README's "Reference
+experiments"): ``config`` (the run configuration), ``engine`` (the one training
+loop; stacked runs), ``protocol`` (lr phases, selection on validation),
+``methods`` (the registry, one class per method), ``teacher_cache``, ``rows``,
+``grid``, ``campaign``, ``report``, ``quickstart``; ``data``, ``augment``,
+``models`` and ``teacher`` underneath. Import submodules explicitly: this
+package import stays light.
 """

@@ -47,7 +47,7 @@ class Step:
         return [r for r in runs if all(getattr(r, k) in v for k, v in self.only.items())]
 
 
-#: priority order (issue list): teachers come with their first step; Table 1's first pair
+#: priority order: teachers come with their first step; Table 1's first pair
 #: with 3 seeds, then the other pairs, seeds 3-4, Table 2, Fig. 3 and Fig. 4
 PLAN: tuple[Step, ...] = (
     Step("table1", {"student_arch": ("wrn_16_2",), "seed": (0, 1, 2)}),
