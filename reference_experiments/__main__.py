@@ -89,7 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="validate the plan, train nothing")
 
     q = sub.add_parser("quickstart", help="CPU digits demo (< 2 min): teacher, 4 methods, table")
-    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument(
+        "--out", default=None, help="default: runs/quickstart (keras: runs/keras_quickstart)"
+    )
+    q.add_argument(
+        "--framework",
+        choices=("torch", "keras"),
+        default="torch",
+        help="torch: the PyTorch pipeline; keras: ckd_core.distillation in Keras 3",
+    )
+    q.add_argument(
+        "--backend",
+        choices=("jax", "torch", "tensorflow"),
+        default="jax",
+        help="Keras backend for --framework keras",
+    )
     return p
 
 
@@ -194,9 +208,18 @@ def _cmd_campaign(a: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> int:
+    if a.framework == "keras":
+        # a fresh interpreter: this one already runs Keras on the torch backend (ckd_torch)
+        import os
+        import subprocess
+
+        out = a.out or "runs/keras_quickstart"
+        cmd = [sys.executable, "-m", "reference_experiments.keras_quickstart", "--out", out]
+        env = {**os.environ, "KERAS_BACKEND": a.backend}
+        return subprocess.run([*cmd, "--backend", a.backend], env=env, check=False).returncode
     from . import quickstart
 
-    quickstart.main(out=a.out)
+    quickstart.main(out=a.out or "runs/quickstart")
     return 0
 
 
