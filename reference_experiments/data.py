@@ -50,16 +50,34 @@ import csv
 import hashlib
 import io
 import os
-import re
 import tarfile
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .rows import atomic_write_bytes
+from .datafiles import (  # noqa: F401  (re-exported: the public data API)
+    _CACHE_VERSION,
+    _SOURCES,
+    DataIntegrityError,
+    DatasetNotFoundError,
+    _atomic_savez,
+    _cached,
+    _DataDir,
+    _file_digest,
+    _load_npz,
+    _missing,
+    _not_found,
+    _read_sha256sums,
+    _repo_root,
+    _require_files,
+    _shared_data_dir,
+    _verify_sha256sums,
+    cache_dir,
+    default_data_dir,
+    sha256_file,
+)
 
 __all__ = [
     "CARS_DUPLICATE_PAIRS",
@@ -123,16 +141,6 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CARS_MEAN = (0.4022, 0.4001, 0.4211)
 CARS_STD = (0.2716, 0.2666, 0.2707)
 
-_CACHE_VERSION = 1
-
-
-class DataIntegrityError(ValueError):
-    """A file's checksum does not match the expected value."""
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are missing; the message (one line) says how to get them."""
-
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
@@ -173,209 +181,6 @@ class ImageDataset:
 
 
 # ------------------------------------------------------------------------- paths
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def default_data_dir() -> Path | None:
-    """``$CKD_DATA_DIR``, else ``<repo>/../shared/data`` if it exists, else None."""
-    env = os.environ.get("CKD_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    shared = _repo_root().parent / "shared" / "data"
-    return shared if shared.is_dir() else None
-
-
-def cache_dir() -> Path:
-    """``$CKD_CACHE_DIR``, else ``~/.cache/ckd-core``."""
-    env = os.environ.get("CKD_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ckd-core"
-
-
-def _shared_data_dir() -> Path:
-    return _repo_root().parent / "shared" / "data"
-
-
-@dataclass(frozen=True)
-class _DataDir:
-    """The data directory in use and where it came from (for error messages)."""
-
-    path: Path | None
-    origin: str
-
-    @classmethod
-    def resolve(cls, data_dir: str | os.PathLike | None) -> _DataDir:
-        if data_dir is not None:
-            return cls(Path(data_dir).expanduser(), "--data-dir")
-        if os.environ.get("CKD_DATA_DIR"):
-            return cls(default_data_dir(), "$CKD_DATA_DIR")
-        return cls(default_data_dir(), "the default")
-
-    def describe(self) -> str:
-        how = f"choose it with --data-dir or $CKD_DATA_DIR; default {_shared_data_dir()}"
-        if self.path is None:
-            return f"no data directory ({how}, which does not exist)"
-        return f"data dir {self.path} from {self.origin} ({how})"
-
-    def folder(self, dataset: str, name: str, marker: str) -> Path:
-        """``path/name``, or ``path`` itself if it directly holds ``marker``."""
-        if self.path is None:
-            raise _not_found(dataset, "", self)
-        if (self.path / marker).exists():
-            return self.path
-        return self.path / name
-
-
-#: Per dataset: (title, where it comes from, how to get it). ``{d}`` = the data dir,
-#: ``{shared}`` = the project's shared data folder.
-_SOURCES: dict[str, tuple[str, str, str]] = {
-    "cifar100": (
-        "CIFAR-100",
-        "the official CIFAR-100 python version (https://www.cs.toronto.edu/~kriz/cifar.html)",
-        "run torchvision.datasets.CIFAR100('{d}', download=True) on a machine with internet "
-        "access, or download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
-        "into {d} (extracting it is optional)",
-    ),
-    "cifar10": (
-        "CIFAR-10",
-        "the official CIFAR-10 python version (https://www.cs.toronto.edu/~kriz/cifar.html)",
-        "run torchvision.datasets.CIFAR10('{d}', download=True) on a machine with internet "
-        "access, or download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
-        "into {d} (extracting it is optional); or use --dataset cifar10-jpeg, the JPEG q75 "
-        "copy (folder cifar10-jpeg/ of {shared})",
-    ),
-    "cifar10-jpeg": (
-        "CIFAR-10 JPEG copy (cifar10-jpeg)",
-        "the project's JPEG q75 copy of CIFAR-10 (cifar10-jpeg.tar.xz + classes.txt, "
-        "see its README.md)",
-        "copy the folder {shared}/cifar10-jpeg into {d}; or use --dataset cifar10 with the "
-        "official archive (torchvision.datasets.CIFAR10(root, download=True) or "
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)",
-    ),
-    "cars64": (
-        "Stanford Cars 64-pixel training half (cars64)",
-        "the project's 64x64 copy of the 8,144 Stanford Cars training images "
-        "(cars-train64-jpeg.tar.xz + classes.txt, see its README.md)",
-        "copy the folder {shared}/stanford-cars-train64 into {d}; or rebuild it from "
-        "torchvision.datasets.StanfordCars's folder layout (stanford_cars/devkit + "
-        "cars_train, which torchvision no longer downloads: get it by hand, e.g. from "
-        "Kaggle) by cropping each training image to its box and resizing it to 64x64 as "
-        "that README describes",
-    ),
-    "digits": (
-        "scikit-learn digits",
-        "scikit-learn, which bundles them (nothing to download; --data-dir is not used)",
-        "pip install scikit-learn",
-    ),
-}
-
-
-def _not_found(name: str, searched: str, where: _DataDir) -> DatasetNotFoundError:
-    """One-line error: what was searched, where the data dir came from, how to get it."""
-    title, origin, how = _SOURCES[name]
-    d = str(where.path) if where.path is not None else "<data dir>"
-    parts = [f"{title} not found"]
-    if searched:
-        parts.append(f": {searched}")
-    if name != "digits":
-        parts.append(f"; {where.describe()}")
-    parts.append(
-        f"; it comes from {origin}; to get it, {how.format(d=d, shared=_shared_data_dir())}"
-    )
-    return DatasetNotFoundError(re.sub(r"\s*[\r\n]+\s*", " ", "".join(parts)))  # one line
-
-
-# --------------------------------------------------------------------- checksums
-def _file_digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    return _file_digest(Path(path), "sha256")
-
-
-def _read_sha256sums(folder: Path) -> dict[str, str] | None:
-    sums = folder / "SHA256SUMS"
-    if not sums.is_file():
-        return None
-    table: dict[str, str] = {}
-    for line in sums.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        digest, _, name = line.partition(" ")
-        table[name.strip().lstrip("*")] = digest.lower()
-    return table
-
-
-def _verify_sha256sums(folder: Path, names: Iterable[str]) -> dict[str, str]:
-    """Verify ``names`` against ``folder/SHA256SUMS`` (if present); return digests.
-
-    Returns ``{name: sha256}`` for every name checked (computed digests), so callers
-    can reuse them as cache keys.
-    """
-    table = _read_sha256sums(folder)
-    out: dict[str, str] = {}
-    if table is None:
-        return out
-    for name in names:
-        if name not in table:
-            continue
-        got = sha256_file(folder / name)
-        if got != table[name]:
-            raise DataIntegrityError(
-                f"sha256 mismatch for {folder / name}: expected {table[name]} "
-                f"(SHA256SUMS), got {got}; the file is corrupt or was replaced"
-            )
-        out[name] = got
-    return out
-
-
-def _missing(folder: Path, names: Sequence[str]) -> list[str]:
-    return [n for n in names if not (folder / n).is_file()]
-
-
-def _require_files(folder: Path, names: Sequence[str], name: str, where: _DataDir) -> None:
-    missing = _missing(folder, names)
-    if missing:
-        raise _not_found(
-            name, f"searched {folder} for {', '.join(names)} (missing: {', '.join(missing)})", where
-        )
-
-
-# ------------------------------------------------------------------------ caching
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    # allow_pickle=True is numpy's default, spelled out so that numpy's stubs do not
-    # match the ** keys against that bool parameter
-    np.savez(buffer, allow_pickle=True, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-        return None  # unreadable/corrupt cache: rebuild
-
-
-def _cached(key: str, build, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    path = cache_dir() / f"{key}.npz"
-    if path.is_file():
-        arrays = _load_npz(path)
-        if arrays is not None and all(k in arrays for k in keys):
-            return arrays
-    arrays = build()
-    try:
-        _atomic_savez(path, **arrays)
-    except OSError:  # read-only home etc.: work without a cache
-        pass
-    return arrays
 
 
 # ---------------------------------------------------------------------- splitting

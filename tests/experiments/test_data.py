@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reference_experiments import data, rows  # noqa: E402
+from reference_experiments import data, datafiles, rows  # noqa: E402
 from reference_experiments.augment import augment, preprocess_eval  # noqa: E402
 from reference_experiments.data import (  # noqa: E402
     CARS_DUPLICATE_PAIRS,
@@ -386,7 +386,7 @@ def test_missing_message_lists_missing_files_of_partial_folder(tmp_path, monkeyp
 
 def test_missing_message_without_any_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("CKD_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "_repo_root", lambda: tmp_path / "repo")  # no ../shared/data
+    monkeypatch.setattr(datafiles, "_repo_root", lambda: tmp_path / "repo")  # no ../shared/data
     assert data.default_data_dir() is None
     for name in ("cifar100", "cifar10", "cifar10-jpeg", "cars64"):
         msg = _one_line_error(name)
@@ -445,7 +445,7 @@ def test_cifar10_jpeg_loader_and_cache(tmp_path, monkeypatch):
     assert len(cached) == 1
     # written atomically (rows.atomic_write_bytes): no temporary file left beside it
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [cached[0].name]
-    assert data.atomic_write_bytes is rows.atomic_write_bytes
+    assert datafiles.atomic_write_bytes is rows.atomic_write_bytes
     # a truncated cache file is rebuilt, not trusted
     cached[0].write_bytes(cached[0].read_bytes()[:100])
     np.testing.assert_array_equal(load_dataset("cifar10-jpeg", tmp_path / "data").x_test, ds.x_test)
