@@ -122,11 +122,25 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def _results_folder(path: str) -> Path:
+    """Creates the results file's folder up front, so that a bad path fails before training."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"results path {path}: a parent of it is a file") from None
+    return p
+
+
 def _cmd_student(a: argparse.Namespace) -> int:
     from . import engine, methods
+    from .devices import resolve_device
     from .rows import append_row
 
     cfg = from_arguments(a)
+    resolve_device(cfg.device)  # a CUDA device that is not there fails here, not later
+    if a.results:
+        _results_folder(a.results)
     if methods.get(cfg.method).uses_teacher and not cfg.teacher:
         raise ValueError(f"--teacher PATH is required for method {cfg.method!r}")
     if cfg.teacher and not Path(cfg.teacher).is_file():
@@ -155,7 +169,7 @@ def _cmd_grid(a: argparse.Namespace) -> int:
         data_dir=a.data_dir,
     )
     runs = grid.select_shard(runs, a.shard)
-    results = Path(a.results or cfg["results"])
+    results = _results_folder(a.results or cfg["results"])
     if a.dry_run:
         done = finished_ids(results)
         for r in runs:

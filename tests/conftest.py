@@ -41,10 +41,3 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-
-def pytest_configure(config) -> None:  # noqa: ANN001
-    # Also to be declared in pyproject.toml's [tool.pytest.ini_options] markers.
-    config.addinivalue_line(
-        "markers", "slow: starts interpreters or process groups (deselect with -m 'not slow')"
-    )

@@ -268,3 +268,35 @@ def test_modules_forward_options_to_the_core():
         ckd_torch.KDLoss(global_batch=True)
     with pytest.raises(ValueError, match="temperature"):
         ckd_torch.KDLoss(temperature=0.0)
+
+
+def test_torch_teacher_budget_device_tensors(tmp_path):
+    """TorchTeacherBudget: distinct ids counted once, outputs as float32 tensors on the
+    inputs' device, over-budget refused before a call, cache saved and reloaded."""
+    from ckd_torch import TorchTeacherBudget
+
+    from ckd_core import TeacherBudgetExceeded
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(6, 4)
+    seen = []
+
+    def teacher(x):
+        seen.append(len(x))
+        return {"logits": net(x), "feat": (2 * x[:, :3]).to(torch.bfloat16)}
+
+    images = torch.rand(10, 6)
+    tb = TorchTeacherBudget(teacher, budget=5, batch_size=2)
+    out = tb.query_tensors(torch.tensor([1, 3, 1]), lambda ids: images[ids])
+    assert out["logits"].shape == (3, 4) and out["feat"].dtype == torch.float32
+    torch.testing.assert_close(out["logits"][0], out["logits"][2])
+    torch.testing.assert_close(out["logits"][1], net(images[3]).detach())
+    assert tb.used == 2 and sum(seen) == 2 and tb.num_batches == 1
+    with pytest.raises(TeacherBudgetExceeded):
+        tb.query_tensors([4, 5, 6, 7], lambda ids: images[ids])
+    assert sum(seen) == 2  # refused before any call
+    tb.save(tmp_path / "c.safetensors")
+    again = TorchTeacherBudget(teacher, budget=5)
+    again.load(tmp_path / "c.safetensors")
+    torch.testing.assert_close(again.query_tensors([3])["logits"], out["logits"][1:2])
+    assert sum(seen) == 2

@@ -160,12 +160,17 @@ def test_student_help_lists_every_method(capsys):
         (["--lr", "-1"], "error: lr must be > 0"),
         (["--method", "kd"], "error: --teacher PATH is required for method 'kd'"),
         (["--teacher", "missing.safetensors"], "error: teacher file missing.safetensors"),
+        (["--results", "afile/rows.jsonl"], "error: results path afile/rows.jsonl: a parent"),
+        (["--device", "cuda:7"], "error: device 'cuda:7' requested but CUDA is not available"),
     ],
 )
 def test_student_user_errors(tmp_path, capsys, monkeypatch, args, match):
     import re
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    if "cuda:7" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
     base = {"--dataset": "digits", "--student-arch": "digits_mlp", "--method": "ce",
             "--budget": "100", "--device": "cpu"}  # fmt: skip
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
@@ -193,3 +198,37 @@ def test_readme_quickstart_table_is_the_committed_report():
     after = md[md.index("**Table 2") :]
     committed = _table_lines(after)[: len(table)]
     assert table and table == committed
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--budget", "100000"], "error: budget n=100000 must be in \\[2, 1438\\]"),
+        (["--method", "kd", "--teacher", "bad.safetensors"], "error: .*bad.safetensors is not a"),
+    ],
+)
+def test_student_errors_found_while_loading(tmp_path, capsys, monkeypatch, args, match):
+    """Mistakes only the data or the teacher file reveal: still one line, exit 2."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    base = {"--dataset": "digits", "--student-arch": "digits_mlp", "--method": "ce",
+            "--budget": "100", "--device": "cpu"}  # fmt: skip
+    base.update(dict(zip(args[::2], args[1::2], strict=True)))
+    rc, out, err = _cli(["student", *[x for kv in base.items() for x in kv]], capsys)
+    assert rc == 2 and not out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.match(match, lines[0]), err
+
+
+def test_progress_lines_are_rate_limited_off_a_terminal(monkeypatch, capsys):
+    """Not a tty: one line per interval, no carriage returns; a tty: every line."""
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: False, raising=False)
+    clock = iter([0.0, 1.0, 29.0, 31.0, 40.0, 62.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    progress = cli.Progress(every_s=30.0)
+    for i in range(6):
+        progress(f"epoch {i}")
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["epoch 0", "epoch 3", "epoch 5"] and "\r" not in err

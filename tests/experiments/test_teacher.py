@@ -176,3 +176,27 @@ def test_cli_main(tmp_path, capsys):
     ]
     model, meta = teacher.load_teacher(tmp_path / files[1])
     assert meta["batch_size"] == 256 and meta["seed"] == 3
+
+
+def test_missing_json_is_rebuilt_from_the_weights_file(trained, tmp_path):
+    """A kill between the two writes (weights written, JSON not) loses nothing."""
+    import shutil
+
+    weights = tmp_path / trained.name
+    shutil.copy(trained, weights)
+    original = json.loads(trained.with_suffix(".json").read_text())
+    model, meta = teacher.load_teacher(weights)
+    assert weights.with_suffix(".json").is_file()
+    timings = ("train_seconds", "train_images_per_s")  # kept out of the weights' bytes
+    assert {k: v for k, v in meta.items() if k not in timings} == {
+        k: v for k, v in original.items() if k not in timings
+    }
+    assert teacher.load_teacher(weights)[1]["sha256"] == original["sha256"]
+
+
+def test_foreign_safetensors_without_json_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a teacher saved by this package"):
+        teacher.load_teacher(tmp_path / "other.safetensors")
