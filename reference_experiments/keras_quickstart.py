@@ -274,6 +274,7 @@ def main(out: str | os.PathLike[str] = "runs/keras_quickstart", backend: str | N
                         "backend": name,
                     }
                 )
+            assert budget.budget is not None
             assert budget.used == budget.new_calls == len(train) <= budget.budget
     with open(out / "results.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

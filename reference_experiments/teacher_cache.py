@@ -94,6 +94,8 @@ def query_teacher(
         },
     )
     out = budget.query(train_ids, lambda ids: dataset.x_train[ids])
+    if not isinstance(out, dict):  # ``call`` returns a dict, so the budget does too
+        raise TypeError(f"teacher outputs must be a dict of arrays, got {type(out).__name__}")
     return TeacherCache(
         {k: torch.from_numpy(v).to(device) for k, v in out.items()}, budget.used, budget.new_calls
     )

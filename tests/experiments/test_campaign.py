@@ -17,10 +17,12 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "torch":
     pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 from reference_experiments import campaign, grid  # noqa: E402
 from reference_experiments.rows import read_rows  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
     "name": "tiny",
