@@ -26,6 +26,7 @@ accuracy (``family = "ckd"``), as the paper sweeps ``pos_and_neg``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import ckd_torch
 import torch
@@ -54,7 +55,7 @@ class Comparative(Method):
 
     weights = {"ckd_label": 1.0, "ckd_teacher": 1.0}
     ours = True
-    family = "ckd"
+    family: ClassVar[str | None] = "ckd"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -129,7 +130,6 @@ class OfficialGroups(Comparative):
     """The official ``pos_and_neg = k`` CKD (subclassed per k)."""
 
     k = 0
-    vmappable = True
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -163,11 +163,18 @@ class OfficialGroups(Comparative):
         labels: torch.Tensor,
         batch: Batch,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        split = self.ctx.batch_size * self.pos
-        s_pos, _ = student(x[:split], False)  # two passes: BatchNorm statistics per side
-        s_neg, _ = student(x[split:], False)
-        logits = torch.cat([s_pos, s_neg]).float()
+        logits, _ = self.two_passes(student, x, False)
         return self.combine(self.loss(logits, None, teacher, labels, batch))
+
+    def two_passes(
+        self, student: StudentFn, x: torch.Tensor, with_features: bool
+    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]]:
+        """The student on the positives, then on the negatives (BatchNorm statistics
+        per side): the concatenated float logits and each side's features."""
+        split = self.ctx.batch_size * self.pos
+        s_pos, f_pos = student(x[:split], with_features)
+        s_neg, f_neg = student(x[split:], with_features)
+        return torch.cat([s_pos, s_neg]).float(), (f_pos, f_neg)
 
 
 def _variant(base: type[Comparative], name: str, k: int, order: int, label: str, text: str):

@@ -26,16 +26,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-import ckd_torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comparative import one_hot
+from .comparative import OfficialGroups
 from .contrastive import CRDMixin
-from .logits import WithKD
+from .logits import KD, WithKD
 from .registry import Batch, Method, MethodContext, StudentFn, register
-from .sampling import PoolCursor
 
 __all__ = [
     "CC",
@@ -203,7 +201,7 @@ class WhiteBox(Method):
     teacher features (``teacher["feat{i}"]``, fp16, cast to float here)."""
 
     whitebox = True
-    family = None
+    family: ClassVar[str | None] = None  # not a CKD variant of the report's CKD row
     term_cls: ClassVar[type[Term]] = Term
 
     def __init__(self, ctx: MethodContext) -> None:
@@ -239,25 +237,12 @@ class WhiteBoxKD(WhiteBox, WithKD):
         return terms
 
 
-class WhiteBoxCKD(WhiteBox):
-    """Official ``ckd_inter``: 1 vs 1 tuples, two student passes, CKD on logit
-    differences + ``w * term(df_s, df_t)`` on feature differences."""
+class WhiteBoxCKD(WhiteBox, OfficialGroups):
+    """Official ``ckd_inter``: the 1 vs 1 CKD of ``ckd_pn2`` (tuple pool, two
+    student passes, CKD on logit differences) + ``w * term(df_s, df_t)`` on
+    feature differences (the regressor/embedding applied after differencing)."""
 
-    ours = True
-
-    def __init__(self, ctx: MethodContext) -> None:
-        super().__init__(ctx)
-        self.ckd = ckd_torch.ComparativeLoss()
-        self.cursor = PoolCursor(ctx.n_train, 1, 1, ctx.seed)
-
-    def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
-        """``(steps, batch_size, 2)`` rows of the run's pool of 100k distinct pairs."""
-        ctx = self.ctx
-        return self.cursor.take(gen, ctx.steps_per_epoch, ctx.batch_size)
-
-    def sample(self, gen: torch.Generator, draw: torch.Tensor) -> Batch:
-        """``idx``: the first images of the pairs, then the second ones (``2 B``)."""
-        return {"idx": torch.cat([draw[:, 0], draw[:, 1]])}
+    k = 2
 
     def step(
         self,
@@ -267,29 +252,20 @@ class WhiteBoxCKD(WhiteBox):
         labels: torch.Tensor,
         batch: Batch,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        b = x.shape[0] // 2
-        s_a, f_a = student(x[:b], True)  # two passes: BatchNorm statistics per side
-        s_b, f_b = student(x[b:], True)
+        logits, (f_a, f_b) = self.two_passes(student, x, True)
         if f_a is None or f_b is None:
             raise RuntimeError(f"{type(self).__name__} needs the student's features")
-        s = torch.cat([s_a, s_b]).float()
-        first = torch.arange(b, device=s.device)
-        pairs = (first, first + b)
-        onehot = one_hot(labels, self.ctx.num_classes, s.dtype)
+        b = self.ctx.batch_size
         ds = [a - c for a, c in zip(self.s_feats(f_a), self.s_feats(f_b), strict=True)]
         dt = [f[:b] - f[b:] for f in self.t_feats(teacher)]
-        return self.combine(
-            {
-                "ckd_label": self.ckd(s, onehot, pairs=pairs),
-                "ckd_teacher": self.ckd(s, teacher["logits"].float(), pairs=pairs),
-                self.term_cls.key: self.inter(ds, dt),
-            }
-        )
+        terms = self.loss(logits, None, teacher, labels, batch)
+        terms[self.term_cls.key] = self.inter(ds, dt)
+        return self.combine(terms)
 
 
 # ----------------------------------------------------------------------------- methods
-_KD = {"ce": 1.0, "kd": 1.0}
-_CKD = {"ckd_label": 1.0, "ckd_teacher": 1.0}
+_KD = KD.weights
+_CKD = OfficialGroups.weights
 _NOT_OFFICIAL = "(ours: the official code cannot run white-box + CRD)"
 
 
