@@ -92,7 +92,6 @@ class Learner(nn.Module):
 class _Run:
     """One config's data: its subset on the device and its teacher cache."""
 
-    cfg: RunConfig
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
@@ -163,12 +162,12 @@ def train(
         dataset = load_dataset(cfg0.dataset, cfg0.data_dir)
     t_model, t_meta = _resolve_teacher(cfg0, teacher, device)
     image_shape = (dataset.in_channels, dataset.crop, dataset.crop)
-    probe = create_model(cfg0.student_arch, dataset.num_classes, dataset.in_channels)
     s_shapes: list[tuple[int, ...]] = []
     t_shapes: list[tuple[int, ...]] = []
     if method_cls.whitebox:
         if t_model is None:
             raise ValueError(f"method {cfg0.method!r} needs a teacher (--teacher PATH)")
+        probe = create_model(cfg0.student_arch, dataset.num_classes, dataset.in_channels)
         s_shapes = feature_shapes(probe, image_shape)
         t_shapes = feature_shapes(t_model, image_shape)
 
@@ -192,23 +191,6 @@ def train(
             teacher_shapes=t_shapes,
         )
         contexts.append(ctx)
-        cache, calls, new_calls = {}, 0, 0
-        if method_cls.uses_teacher:
-            feature_ids = method_cls(ctx).teacher_features(len(t_shapes))
-            got = query_teacher(t_model, t_meta, cfg, dataset, train_ids, feature_ids, device)
-            cache, calls, new_calls = got.outputs, got.calls, got.new_calls
-        runs.append(
-            _Run(
-                cfg,
-                _to(device, dataset.x_train[train_ids]),
-                y_train,
-                _to(device, dataset.x_train[val_ids]),
-                _to(device, dataset.y_train[val_ids]).long(),
-                cache,
-                calls,
-                new_calls,
-            )
-        )
         for lr in cfg.lrs:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)  # the lrs of one seed share their init
@@ -220,6 +202,22 @@ def train(
             learners.append(learner)
             trials.append((i, float(lr)))
             gens.append(torch.Generator(device=device).manual_seed(7919 * cfg.seed + 17))
+        cache, calls, new_calls = {}, 0, 0
+        if method_cls.uses_teacher:
+            feature_ids = learners[-1].method.teacher_features(len(t_shapes))
+            got = query_teacher(t_model, t_meta, cfg, dataset, train_ids, feature_ids, device)
+            cache, calls, new_calls = got.outputs, got.calls, got.new_calls
+        runs.append(
+            _Run(
+                _to(device, dataset.x_train[train_ids]),
+                y_train,
+                _to(device, dataset.x_train[val_ids]),
+                _to(device, dataset.y_train[val_ids]).long(),
+                cache,
+                calls,
+                new_calls,
+            )
+        )
 
     # ------------------------------------------------------------ stacked state
     n_trials = len(trials)
@@ -320,12 +318,12 @@ def train(
         active_index = torch.tensor(active, device=device)
         orders = [samplers[j].epoch_order(gens[j]) for j in active]
         loss_sum = torch.zeros(len(active), device=device)
+        size = (x_train.shape[2], x_train.shape[3])
         for s in range(steps_per_epoch):
             batch = _stack(
                 [samplers[j].sample(gens[j], orders[a][s]) for a, j in enumerate(active)]
             )
             idx = batch["idx"]  # (R, M)
-            size = (x_train.shape[2], x_train.shape[3])
             crops = torch.stack([draw_crops(idx.shape[1], size, dataset, gens[j]) for j in active])
             sel = active_index[:, None]
             imgs = x_train[sel, idx]
