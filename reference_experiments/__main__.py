@@ -27,17 +27,6 @@ from pathlib import Path
 
 from .config import add_arguments, from_arguments
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def _resolve_config(name: str) -> Path:
-    """A path, or the name of a bundled config (``table1`` -> configs/table1.toml)."""
-    for cand in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.toml"):
-        if cand.is_file():
-            return cand
-    bundled = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.toml")))
-    raise FileNotFoundError(f"config {name!r} not found (bundled: {bundled})")
-
 
 def _parser() -> argparse.ArgumentParser:
     from .methods import describe
@@ -159,7 +148,7 @@ def _cmd_grid(a: argparse.Namespace) -> int:
     from . import grid
     from .rows import finished_ids
 
-    cfg = grid.load_config(_resolve_config(a.config))
+    cfg = grid.load_config(grid.resolve_config(a.config))
     runs = grid.with_overrides(
         grid.expand(cfg),
         dataset=a.dataset,

@@ -75,14 +75,15 @@ def run_campaign(
 ) -> dict[str, int]:
     """Runs ``plan`` until ``minutes`` are spent; returns the new rows per config.
     ``dry_run``: validate every step and count its pending runs, train nothing."""
-    from .__main__ import _resolve_config
-
     start = time.monotonic()
     deadline = start + 60.0 * minutes
     out = Path(out)
     counts: dict[str, int] = {}
     for step in plan:
-        raw = dict(load(step.config) if load else grid.load_config(_resolve_config(step.config)))
+        if load is None:
+            raw = dict(grid.load_config(grid.resolve_config(step.config)))
+        else:
+            raw = dict(load(step.config))
         raw["teachers_dir"] = str(out / "teachers")
         cfg = grid.parse_config(raw)
         results = out / cfg["name"] / "results.jsonl"

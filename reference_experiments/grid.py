@@ -53,6 +53,7 @@ __all__ = [
     "expand",
     "load_config",
     "parse_config",
+    "resolve_config",
     "run_grid",
     "select_shard",
     "stacks",
@@ -62,6 +63,18 @@ __all__ = [
 #: a stack's trainer: configs -> (config, row) per config (engine.train, or a stand-in in tests)
 Trainer = Callable[[Sequence[RunConfig]], Sequence[tuple[RunConfig, ResultRow]]]
 _FIELDS = {f.name for f in fields(RunConfig)}
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(name: str) -> Path:
+    """A path, or the name of a bundled config (``table1`` -> configs/table1.toml)."""
+    for cand in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.toml"):
+        if cand.is_file():
+            return cand
+    bundled = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.toml")))
+    raise FileNotFoundError(f"config {name!r} not found (bundled: {bundled})")
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
