@@ -121,13 +121,42 @@ def _angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, T
     return total * scale, grad * scale
 
 
-@keras.ops.custom_gradient
-def _angle_loss_of_gram(gram_s: Tensor, gram_t: Tensor) -> Any:
+def _angle_loss_of_gram_with_grad(gram_s: Tensor, gram_t: Tensor) -> Any:
+    """The angle loss with its analytic gradient attached (``keras.ops.custom_gradient``).
+
+    The gradient computed in the forward pass serves first-order
+    backpropagation. Torch differentiates a backward pass only when it
+    records one (``create_graph=True``, grad mode on inside ``backward``):
+    the gradient is then recomputed from the saved Gram matrix, so that its
+    own derivative (the Hessian) is exact. JAX and TensorFlow differentiate
+    the forward pass's gradient directly.
+    """
     loss, grad = _angle_loss_and_gram_grad(gram_s, gram_t)
 
     def grad_fn(*args: Any, upstream: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if upstream is None:
+        gram_grad = grad
+        if upstream is None:  # JAX, TensorFlow: grad_fn(upstream)
             (upstream,) = args
-        return grad * upstream, ops.zeros_like(gram_t)
+        elif _torch_records_backward():  # torch: grad_fn(*saved_inputs, upstream=...)
+            gram_grad = _angle_loss_and_gram_grad(args[0], args[1])[1]
+        return gram_grad * upstream, ops.zeros_like(gram_t)
 
     return loss, grad_fn
+
+
+def _torch_records_backward() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
+
+
+def _angle_loss_without_grad(gram_s: Tensor, gram_t: Tensor) -> Tensor:
+    return _angle_loss_and_gram_grad(gram_s, gram_t)[0]
+
+
+# The numpy backend has no gradients (and warns on ``custom_gradient``).
+_angle_loss_of_gram = (
+    _angle_loss_without_grad
+    if keras.backend.backend() == "numpy"
+    else keras.ops.custom_gradient(_angle_loss_of_gram_with_grad)
+)

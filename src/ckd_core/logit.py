@@ -10,11 +10,11 @@ from ckd_core._checks import (
     _mean,
     _nonfinite_marker,
     _prepare,
+    _safe_ratio,
     _scale,
     _weights,
     check_number,
 )
-from ckd_core.comparative import _safe_ratio
 
 __all__ = ["dist_loss", "kd_loss"]
 

@@ -17,10 +17,10 @@ from ckd_core._checks import (
     _nonfinite_marker,
     _num_rows,
     _prepare,
+    _safe_ratio,
     check_number,
 )
 from ckd_core._rkd_angle import _PDIST_EPS, _angle_loss_of_gram
-from ckd_core.comparative import _safe_ratio
 
 __all__ = ["rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
