@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -49,6 +50,21 @@ NP_FLOAT = {"float32": np.float32, "float64": np.float64}
 _BACKEND = keras.backend.backend()
 
 
+def _elementwise_ops() -> SimpleNamespace:
+    """``keras.ops`` element-wise functions that keep float64 on every backend.
+
+    Keras' numpy backend runs these through its type promotion, which maps
+    64-bit dtypes to 32-bit: float64 inputs would be computed in float32.
+    There the NumPy functions themselves are used.
+    """
+    names = ("where", "square", "sqrt", "rsqrt", "exp", "clip", "cumsum", "maximum")
+    if _BACKEND != "numpy":
+        return SimpleNamespace(**{name: getattr(ops, name) for name in names})
+    functions = {name: getattr(np, name) for name in names if name != "rsqrt"}
+    return SimpleNamespace(rsqrt=lambda x: 1 / np.sqrt(x), **functions)
+
+
+ops64 = _elementwise_ops()
 _DTYPE_NAMES: dict[Any, str] = {}
 
 
@@ -190,7 +206,9 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     ``(num + den) * 0``.
     """
     positive = den > 0
-    return ops.where(positive, num / ops.where(positive, den, ops.ones_like(den)), (num + den) * 0)
+    return ops64.where(
+        positive, num / ops64.where(positive, den, ops.ones_like(den)), (num + den) * 0
+    )
 
 
 def _peak(x: Tensor) -> Tensor:
@@ -202,7 +220,7 @@ def _peak(x: Tensor) -> Tensor:
     ``ops.amax``: Keras' ``ops.max`` breaks ``torch.compile`` graphs.
     """
     peak = ops.stop_gradient(ops.amax(ops.abs(x)))
-    return ops.where(peak > 0, peak, ops.ones_like(peak))
+    return ops64.where(peak > 0, peak, ops.ones_like(peak))
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +346,7 @@ def _weights(
         # Traced or on a device: a negative or non-finite weight makes the
         # loss NaN (never a finite number, never a host sync).
         valid = ops.logical_and(w >= 0, ops.isfinite(w))
-        w = ops.where(valid, w, ops.cast(float("nan"), dtype))
+        w = ops64.where(valid, w, ops.cast(float("nan"), dtype))
     if len(shape) == 0:
         return None, w
     return w / _peak(w), None
@@ -409,8 +427,8 @@ def _indices(index: Any, role: str, rank: int, e: Tensor) -> tuple[Tensor, Tenso
     rows = ops.cast(n if n is not None else ops.shape(e)[0], wide)
     valid = ops.logical_and(idx >= 0, idx < rows)
     nan = ops.cast(float("nan"), _dtype_name(e))
-    marker = ops.sum(ops.where(valid, ops.zeros((), _dtype_name(e)), nan))
-    return ops.cast(ops.where(valid, idx, ops.zeros_like(idx)), "int32"), marker
+    marker = ops.sum(ops64.where(valid, ops.zeros((), _dtype_name(e)), nan))
+    return ops.cast(ops64.where(valid, idx, ops.zeros_like(idx)), "int32"), marker
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ckd_core._checks import (
     _weights,
     check_int,
     check_reduction,
+    ops64,
 )
 
 __all__ = ["comparative_loss", "make_projection", "projected_rkd_loss"]
@@ -52,14 +53,14 @@ def _pair_weight_sum(w: Tensor) -> Tensor:
     Exclusive prefix sums of non-negative terms: no ``W^2 - sum w^2``
     cancellation (``w = [1, 1e-8]`` gives 2e-8, not 0).
     """
-    prefix = ops.concatenate([ops.zeros_like(w[:1]), ops.cumsum(w)[:-1]])
+    prefix = ops.concatenate([ops.zeros_like(w[:1]), ops64.cumsum(w)[:-1]])
     return 2 * ops.sum(w * prefix)
 
 
 def _weighted_centre(e: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """``(W, e - m)``: the weight sum and ``e`` about its weighted row mean ``m``."""
     total_w = ops.sum(w)
-    mean = ops.sum(e * w[:, None], axis=0, keepdims=True) / ops.where(total_w > 0, total_w, 1)
+    mean = ops.sum(e * w[:, None], axis=0, keepdims=True) / ops64.where(total_w > 0, total_w, 1)
     return total_w, e - mean
 
 
@@ -69,7 +70,7 @@ def _pair_coefficient(e: Tensor) -> float | Tensor:
     if n is not None and d is not None:
         return 2 / ((n - 1) * d) if n > 1 else 0.0
     rows = _num_rows(e)
-    return ops.cast(rows > 1, e.dtype) * 2 / (ops.where(rows > 1, rows - 1, 1) * _size(e, 1))
+    return ops.cast(rows > 1, e.dtype) * 2 / (ops64.where(rows > 1, rows - 1, 1) * _size(e, 1))
 
 
 def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = None) -> Tensor:
@@ -94,7 +95,7 @@ def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = N
         loss = ops.sum(centred * centred) * _pair_coefficient(e)
     else:
         total_w, centred = _weighted_centre(e, w)
-        spread = ops.sum(ops.square(centred) * w[:, None])
+        spread = ops.sum(ops64.square(centred) * w[:, None])
         loss = _safe_ratio(2 * total_w * spread, _pair_weight_sum(w) * _size(e, 1))
     return loss * peak * peak
 
@@ -114,7 +115,7 @@ def _all_pairs_terms(e: Tensor, w: Tensor | None) -> Tensor:
     else:
         total_w, centred = _weighted_centre(e, w)
         scale = _safe_ratio(2 * total_w, _pair_weight_sum(w) * _size(e, 1))
-        shares = ops.sum(ops.square(centred), axis=1) * w * scale
+        shares = ops.sum(ops64.square(centred), axis=1) * w * scale
     return shares * rows * peak * peak
 
 
@@ -150,17 +151,17 @@ def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) ->
         sums = stats[1:]
     else:
         w_col = w[:, None]
-        weight_sums = ops.stack([ops.sum(w), ops.sum(ops.square(w))])
+        weight_sums = ops.stack([ops.sum(w), ops.sum(ops64.square(w))])
         local = ops.concatenate([weight_sums, ops.stop_gradient(ops.sum(e * w_col, axis=0))])
         stats = all_reduce(local)
         total_w = stats[0:1]
-        pair_w = ops.square(total_w) - stats[1:2]
+        pair_w = ops64.square(total_w) - stats[1:2]
         sums = stats[2:]
     # Guards by masks, not ops.where: Keras' numpy backend computes
     # ops.where in float32 even for float64 operands.
     dtype = keras.backend.standardize_dtype(e.dtype)
     mean = sums[None, :] / (total_w + ops.cast(total_w <= 0, dtype))
-    sq = ops.square(e - mean)
+    sq = ops64.square(e - mean)
     local_spread = ops.sum(sq if w is None else sq * w[:, None])
     spread = all_reduce(ops.reshape(local_spread, (1,)))
     has_pairs = ops.cast(pair_w > 0, dtype)
@@ -286,7 +287,7 @@ def _groups_loss(
     scaled = e / peak
     mean_a = _mean(ops.take(scaled, ga, axis=0), axis=1)
     delta = mean_a - _mean(ops.take(scaled, gb, axis=0), axis=1)
-    terms = _mean(ops.square(delta), axis=1) * peak * peak
+    terms = _mean(ops64.square(delta), axis=1) * peak * peak
     return _add_markers(_reduce(terms, reduction) + _nonfinite_marker(e), bad_a, bad_b)
 
 
@@ -304,7 +305,9 @@ def _pairs_loss(
         )
     peak = _peak(e)
     scaled = e / peak
-    per_pair = _mean(ops.square(ops.take(scaled, a, axis=0) - ops.take(scaled, b, axis=0)), axis=1)
+    per_pair = _mean(
+        ops64.square(ops.take(scaled, a, axis=0) - ops.take(scaled, b, axis=0)), axis=1
+    )
     w, scale = _weights(sample_weight, e, e.shape[0])
     if w is not None:
         pair_w = ops.take(w, a, axis=0) * ops.take(w, b, axis=0)
