@@ -390,7 +390,12 @@ def projected_rkd_loss(
         raise TypeError(
             f"projection must be a (dim, k) matrix (see make_projection), got {projection!r}."
         )
-    p = ops.convert_to_tensor(projection, dtype=keras.backend.standardize_dtype(y_pred.dtype))
+    dtype = keras.backend.standardize_dtype(y_pred.dtype)
+    # A backend tensor is only cast: it may be a constant of a compiled graph.
+    if ops.is_tensor(projection):
+        p = _cast(projection, dtype)
+    else:
+        p = ops.convert_to_tensor(projection, dtype=dtype)
     dim = y_pred.shape[1]
     p_shape = tuple(p.shape)
     if len(p_shape) != 2 or (dim is not None and p_shape[0] != dim) or p_shape[1] == 0:
