@@ -9,6 +9,7 @@ string weights and ragged groups.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -48,9 +49,7 @@ def hessian(fn: Any, t: np.ndarray, s: np.ndarray) -> np.ndarray:
 
         h = torch.autograd.functional.hessian(lambda x: fn(teacher, x), to_tensor(s))
     elif BACKEND == "jax":
-        import jax
-
-        h = jax.hessian(lambda x: fn(teacher, x))(to_tensor(s))
+        h = _jitted_jax_hessian(fn)(teacher, to_tensor(s))
     elif BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -63,6 +62,14 @@ def hessian(fn: Any, t: np.ndarray, s: np.ndarray) -> np.ndarray:
     else:
         pytest.skip("the numpy backend computes values only, no gradients")
     return np.asarray(to_numpy(h)).reshape(size, size)
+
+
+@functools.cache
+def _jitted_jax_hessian(fn: Any) -> Any:
+    """``jax.jit(jax.hessian(fn, argnums=1))``, compiled once per loss and shape."""
+    import jax
+
+    return jax.jit(jax.hessian(fn, argnums=1))
 
 
 def _batch(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
