@@ -90,19 +90,6 @@ def test_plain_torch_training_loop_reduces_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_teacher_gets_gradient_except_rkd():
-    student, teacher, _ = _pair()
-    student.requires_grad_(True)
-    teacher.requires_grad_(True)
-    ckd_torch.ComparativeLoss()(student, teacher).backward()
-    assert teacher.grad is not None and teacher.grad.abs().sum() > 0
-    # CKD: d/dt = -d/ds
-    torch.testing.assert_close(teacher.grad, -student.grad)
-    student.grad = teacher.grad = None
-    ckd_torch.RKDLoss()(student, teacher).backward()
-    assert teacher.grad is None or bool((teacher.grad == 0).all())
-
-
 def test_pairs_and_groups_equal_mse_formulas():
     student, teacher, _ = _pair(n=10, d=6, seed=3, dtype=torch.float32)
     mse = torch.nn.MSELoss()
@@ -169,14 +156,14 @@ def test_cpu_autocast_bfloat16(name):
         student = layer(student_in.float())  # bf16 under autocast
         assert student.dtype == torch.bfloat16
         loss = module(student, teacher.to(torch.bfloat16))
-    assert loss.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32  # as torch's own losses under autocast
     assert torch.isfinite(loss)
     loss.float().backward()
     for p in layer.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
-    # Value: the loss of the bf16 values, accumulated in float32.
+    # Value: the loss of the bf16 values, computed in float32.
     want = reference(teacher.to(torch.bfloat16).double().numpy(), student.detach().double().numpy())
-    assert_close(loss.item(), want, "bfloat16", atol=1e-2)
+    assert_close(loss.item(), want, "float32", atol=1e-5)
 
 
 def test_device_kept_when_keras_default_device_differs():
