@@ -287,3 +287,21 @@ def test_torch_teacher_budget_device_tensors(tmp_path):
     again.load(tmp_path / "c.safetensors")
     torch.testing.assert_close(again.query_tensors([3])["logits"], out["logits"][1:2])
     assert sum(seen) == 2
+
+
+def test_torch_teacher_budget_copies_and_shares_a_file(tmp_path):
+    import copy
+    import pickle
+
+    from ckd_torch import TorchTeacherBudget
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 4)
+    path = tmp_path / "shared.safetensors"
+    tb = TorchTeacherBudget(torch.nn.Linear(4, 2), budget=3, shared_file=path)
+    out = tb.query_tensors([0, 2], lambda ids: images[ids])
+    for clone in (copy.deepcopy(tb), pickle.loads(pickle.dumps(tb))):
+        torch.testing.assert_close(clone.query_tensors([2, 0]), out.flip(0))
+    other = TorchTeacherBudget(torch.nn.Linear(4, 2), budget=3, shared_file=path)
+    torch.testing.assert_close(other.query_tensors([0], lambda ids: images[ids]), out[:1])
+    assert other.new_calls == 0 and other.used == 2
