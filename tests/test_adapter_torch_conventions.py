@@ -205,3 +205,11 @@ def test_ckd_value_matches_oracle_after_flattening():
     got = ckd_torch.ComparativeLoss()(student, teacher)
     assert_close(got.item(), oracle.comparative(batch.teacher, batch.student), "float64")
     assert np.isfinite(got.item())
+
+
+def test_core_dtype_option_still_casts_the_inputs():
+    student, teacher = _pair(dtype=torch.float32)
+    loss = ckd_torch.ComparativeLoss(dtype="float64")(student, teacher)
+    assert loss.dtype == torch.float64
+    want = ckd_torch.ComparativeLoss()(student.double(), teacher.double())
+    torch.testing.assert_close(loss, want)

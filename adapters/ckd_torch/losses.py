@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -26,11 +27,16 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CORE_NAMES = ((re.compile(r"\by_true\b"), "teacher"), (re.compile(r"\by_pred\b"), "student"))
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def _autocast_check() -> Callable[[str], bool]:
+    """``torch.is_autocast_enabled(device_type)``; always True on torch < 2.4 (no device arg)."""
     try:
-        return bool(torch.is_autocast_enabled(device_type))
+        torch.is_autocast_enabled("cpu")
     except TypeError:  # pragma: no cover - torch < 2.4: always leave autocast
-        return True
+        return lambda device_type: True
+    return torch.is_autocast_enabled
+
+
+_autocast_enabled = _autocast_check()
 
 
 def _check_tensors(student: Any, teacher: Any, loss: str) -> None:
@@ -54,14 +60,12 @@ def _torch_names(exc: Exception) -> Exception:
     return type(exc)(message)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``(batch, ...)`` features as ``(batch, features)``, as RepDistiller's RKD flattens them."""
-    return x.reshape(x.shape[0], -1) if x.ndim > 2 else x
-
-
 class _CoreLoss(torch.nn.Module):
     """Runs a :mod:`ckd_core` loss on torch tensors.
 
+    Features of any rank ``(batch, ...)`` are flattened to ``(batch,
+    features)`` for the feature losses (CKD, RKD, RKD_d), as RepDistiller's
+    RKD does.
     The loss runs on the student's device (Keras' torch backend would
     otherwise move tensors to its global device). The teacher is a target:
     it never receives a gradient (it is detached, for every loss). Under
@@ -125,7 +129,12 @@ class _CoreLoss(torch.nn.Module):
         if self.global_batch:
             collective = all_reduce_sum if self.hook == "all_reduce" else gather_rows
             options[str(self.hook)] = functools.partial(collective, group=self.process_group)
-        return self.core_class(*self._core_args, **options)
+        core = self.core_class(*self._core_args, **options)
+        # The core's ``dtype=`` casts the inputs in ``Loss.__call__``, which the
+        # adapter skips (its name scope costs more than a small loss): cast here.
+        cast = options.get("dtype") is not None
+        self._input_dtype = getattr(torch, core.dtype) if cast else None
+        return core
 
     def __getstate__(self) -> dict[str, Any]:
         if self.process_group is not None:
@@ -155,8 +164,10 @@ class _CoreLoss(torch.nn.Module):
         return clone
 
     def _run(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.flattens_features:
-            student, teacher = _rows(student), _rows(teacher)
+        if self.flattens_features and student.ndim > 2:
+            student = student.reshape(student.shape[0], -1)
+        if self.flattens_features and teacher.ndim > 2:
+            teacher = teacher.reshape(teacher.shape[0], -1)
         teacher = teacher.detach()
         device = student.device
         if _autocast_enabled(device.type):
@@ -172,13 +183,15 @@ class _CoreLoss(torch.nn.Module):
     def _on_device(
         self, student: torch.Tensor, teacher: torch.Tensor, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        # Enter keras.device only when it changes something (~10-20 us per call).
+        """The core's ``call`` on the student's device (skips ``__call__``'s name scope)."""
+        if self._input_dtype is not None:
+            student, teacher = student.to(self._input_dtype), teacher.to(self._input_dtype)
         name = str(student.device)
         try:
-            if keras_torch_device() != name:
+            if keras_torch_device() != name:  # a keras.device scope costs ~10-20 us
                 with keras.device(name):
-                    return self.core(teacher, student, **kwargs)
-            return self.core(teacher, student, **kwargs)
+                    return self.core.call(teacher, student, **kwargs)
+            return self.core.call(teacher, student, **kwargs)
         except (TypeError, ValueError) as exc:
             raise _torch_names(exc) from None
 
