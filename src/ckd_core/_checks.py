@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -33,6 +34,8 @@ from keras import ops
 from ckd_core import _private_api
 
 Tensor = Any
+# Registers a Keras-serializable class of this package (one registry name).
+register_serializable = keras.saving.register_keras_serializable(package="ckd_core")
 # Sums a tensor over the data-parallel replicas (e.g. an autograd-aware
 # ``torch.distributed`` all-reduce, a ``tf.distribute`` replica-context
 # all-reduce or ``jax.lax.psum``); see ``comparative_loss``.
@@ -43,9 +46,25 @@ AllReduce = Callable[[Tensor], Tensor]
 AllGather = Callable[[Tensor], Tensor]
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _HALF_DTYPES = ("float16", "bfloat16")
+NP_FLOAT = {"float32": np.float32, "float64": np.float64}
 _BACKEND = keras.backend.backend()
 
 
+def _elementwise_ops() -> SimpleNamespace:
+    """``keras.ops`` element-wise functions that keep float64 on every backend.
+
+    Keras' numpy backend runs these through its type promotion, which maps
+    64-bit dtypes to 32-bit: float64 inputs would be computed in float32.
+    There the NumPy functions themselves are used.
+    """
+    names = ("where", "square", "sqrt", "rsqrt", "exp", "clip", "cumsum", "maximum")
+    if _BACKEND != "numpy":
+        return SimpleNamespace(**{name: getattr(ops, name) for name in names})
+    functions = {name: getattr(np, name) for name in names if name != "rsqrt"}
+    return SimpleNamespace(rsqrt=lambda x: 1 / np.sqrt(x), **functions)
+
+
+ops64 = _elementwise_ops()
 _DTYPE_NAMES: dict[Any, str] = {}
 
 
@@ -75,7 +94,7 @@ def _as_tensor(x: Tensor, role: str) -> Tensor:
     """``x`` as a backend tensor (backend tensors are used as they are)."""
     if ops.is_tensor(x):
         return x
-    if x is None or isinstance(x, (str, bytes, dict)):
+    if x is None or isinstance(x, str | bytes | dict):
         raise TypeError(f"{role} must be a (batch, dim) float tensor or array, got {x!r}.")
     try:
         return ops.convert_to_tensor(x)
@@ -180,6 +199,30 @@ def _nonfinite_marker(*xs: Tensor) -> Tensor:
     return marker
 
 
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den > 0``, else 0, with finite gradients.
+
+    NaN or infinite ``num``/``den`` give NaN, never 0: the fallback branch is
+    ``(num + den) * 0``.
+    """
+    positive = den > 0
+    return ops64.where(
+        positive, num / ops64.where(positive, den, ops.ones_like(den)), (num + den) * 0
+    )
+
+
+def _peak(x: Tensor) -> Tensor:
+    """``max |x|`` (1 where that is 0), without gradient: a scale for ``x``.
+
+    Losses quadratic in ``x`` compute ``peak^2 * L(x / peak)``, which equals
+    ``L(x)`` for any constant ``peak`` (so every derivative is exact) and
+    neither overflows nor underflows where the result fits the dtype.
+    ``ops.amax``: Keras' ``ops.max`` breaks ``torch.compile`` graphs.
+    """
+    peak = ops.stop_gradient(ops.amax(ops.abs(x)))
+    return ops64.where(peak > 0, peak, ops.ones_like(peak))
+
+
 # ---------------------------------------------------------------------------
 # Host values: where value checks may run
 # ---------------------------------------------------------------------------
@@ -192,7 +235,7 @@ def _host_values(x: Any) -> np.ndarray | None:
     ``torch.compile``, ``torch.func`` transforms) and for tensors on an
     accelerator (reading them would wait for the device on every call).
     """
-    if isinstance(x, np.ndarray | np.generic | numbers.Number | list | tuple):
+    if isinstance(x, (np.ndarray, np.generic, numbers.Number, list, tuple)):
         return np.asarray(x)
     if _BACKEND == "numpy":
         return np.asarray(x)
@@ -233,8 +276,27 @@ def _host_values(x: Any) -> np.ndarray | None:
 # ---------------------------------------------------------------------------
 
 
-def _weight_dtype_ok(dtype: str) -> bool:
-    return dtype in _FLOAT_DTYPES or dtype.startswith(("int", "uint"))
+def _weight_dtype_name(sample_weight: Tensor, values: np.ndarray | None) -> str:
+    """The dtype name of ``sample_weight``; ``TypeError`` unless real (float or int)."""
+    if values is None:
+        dtype = _dtype_name(sample_weight)
+    elif values.dtype.kind in "fiu":
+        dtype = np.dtype(values.dtype).name
+    else:  # strings, objects, bools: no Keras dtype name needed to refuse them
+        dtype = str(values.dtype)
+    if dtype not in _FLOAT_DTYPES and not dtype.startswith(("int", "uint")):
+        raise TypeError(f"sample_weight must have a real (float or int) dtype, got {dtype}.")
+    return dtype
+
+
+def _check_weight_values(values: np.ndarray) -> None:
+    finite = np.isfinite(values.astype(np.float64))
+    if not np.all(finite):
+        bad = np.flatnonzero(~finite.ravel())[0]
+        raise ValueError(f"sample_weight must be finite, got {values.ravel()[bad]} at index {bad}.")
+    if np.any(values < 0):
+        bad = np.flatnonzero(values.ravel() < 0)[0]
+        raise ValueError(f"sample_weight must be >= 0, got {values.ravel()[bad]} at index {bad}.")
 
 
 def _weights(
@@ -243,7 +305,9 @@ def _weights(
     """Validates ``sample_weight``: ``(per-sample vector, None)`` or ``(None, scalar)``.
 
     A scalar scales the loss (Keras' rule); a 1-D weight must have the batch
-    length ``n``. Weights must be finite and >= 0: checked where the values
+    length ``n`` and is returned divided by its largest entry (the losses
+    are invariant to a common factor, which then can neither underflow nor
+    overflow). Weights must be finite and >= 0: checked where the values
     are on the host (:func:`_host_values`), else bad entries become NaN.
     Returned in ``like``'s dtype.
     """
@@ -251,23 +315,15 @@ def _weights(
         return None, None
     if isinstance(sample_weight, bool) or (
         not ops.is_tensor(sample_weight)
-        and not isinstance(sample_weight, np.ndarray | np.generic | numbers.Real | list | tuple)
+        and not isinstance(sample_weight, (np.ndarray, np.generic, numbers.Real, list, tuple))
     ):
         raise TypeError(
             "sample_weight must be None, a number or a 1-D (batch,) array of real weights, "
             f"got {type(sample_weight).__name__}."
         )
     values = _host_values(sample_weight)
-    if ops.is_tensor(sample_weight):
-        w = sample_weight
-    else:
-        w = ops.convert_to_tensor(values)
-    dtype = _dtype_name(w) if values is None else np.dtype(values.dtype).name
-    if values is not None and values.dtype == np.dtype("bool"):
-        dtype = "bool"
-    if not _weight_dtype_ok(keras.backend.standardize_dtype(dtype)):
-        raise TypeError(f"sample_weight must have a real (float or int) dtype, got {dtype}.")
-    shape = _shape(w)
+    _weight_dtype_name(sample_weight, values)
+    shape = _shape(sample_weight) if values is None else values.shape
     if len(shape) > 1:
         raise ValueError(
             "sample_weight must be a scalar or 1-D with one weight per row (batch,), got "
@@ -278,28 +334,22 @@ def _weights(
             f"sample_weight must have one weight per row: shape ({n},) for y_pred of shape "
             f"{_shape(like)}, got shape {shape}."
         )
+    dtype = _dtype_name(like)
     if values is not None:
-        finite = np.isfinite(values.astype(np.float64))
-        if not np.all(finite):
-            bad = np.flatnonzero(~finite.ravel())[0]
-            raise ValueError(
-                f"sample_weight must be finite, got {values.ravel()[bad]} at index {bad}."
-            )
-        if np.any(values < 0):
-            bad = np.flatnonzero(values.ravel() < 0)[0]
-            raise ValueError(
-                f"sample_weight must be >= 0, got {values.ravel()[bad]} at index {bad}."
-            )
-        w = _cast(w, _dtype_name(like))
+        _check_weight_values(values)
+        if ops.is_tensor(sample_weight):
+            w = _cast(sample_weight, dtype)
+        else:  # NumPy casts int64 exactly (JAX without x64 would wrap it to int32)
+            w = ops.convert_to_tensor(values.astype(NP_FLOAT[dtype]), dtype=dtype)
     else:
-        w = _cast(w, _dtype_name(like))
+        w = _cast(sample_weight, dtype)
         # Traced or on a device: a negative or non-finite weight makes the
         # loss NaN (never a finite number, never a host sync).
         valid = ops.logical_and(w >= 0, ops.isfinite(w))
-        w = ops.where(valid, w, ops.cast(float("nan"), _dtype_name(like)))
+        w = ops64.where(valid, w, ops.cast(float("nan"), dtype))
     if len(shape) == 0:
         return None, w
-    return w, None
+    return w / _peak(w), None
 
 
 def _scale(loss: Tensor, scale: Tensor | None) -> Tensor:
@@ -325,14 +375,27 @@ def _index_pair(arg: Any, name: str) -> tuple[Any, Any]:
     return arg[0], arg[1]
 
 
+def _index_values(index: Any, role: str) -> np.ndarray | None:
+    """:func:`_host_values` of an index argument; ragged nested lists name ``role``."""
+    try:
+        return _host_values(index)
+    except ValueError as err:  # NumPy refuses ragged nested sequences
+        raise ValueError(
+            f"{role} must be a rectangular integer index array (every group the same "
+            f"size), got a ragged sequence ({err})."
+        ) from err
+
+
 def _indices(index: Any, role: str, rank: int, e: Tensor) -> tuple[Tensor, Tensor | None]:
     """Validates one index array of ``pairs`` (rank 1) or ``groups`` (rank 2).
 
     Returns the int32 index tensor and ``None``, or, where the values cannot
     be read on the host, the indices clipped into range and a NaN marker
-    (NaN when any index was out of range, else 0) to add to the loss.
+    (NaN when any index was out of range, else 0) to add to the loss. The
+    range is checked in the index's own dtype, before the int32 cast (which
+    would wrap 2**32 to 0).
     """
-    values = _host_values(index)
+    values = _index_values(index, role)
     if values is not None:
         shape: tuple[int | None, ...] = values.shape
         dtype = np.dtype(values.dtype).name
@@ -357,12 +420,54 @@ def _indices(index: Any, role: str, rank: int, e: Tensor) -> tuple[Tensor, Tenso
             )
         source = index if ops.is_tensor(index) else values
         return ops.convert_to_tensor(source, dtype="int32"), None
-    idx = ops.convert_to_tensor(index if values is None else values, dtype="int32")
-    last = (n if n is not None else ops.cast(ops.shape(e)[0], "int32")) - 1
-    valid = ops.logical_and(idx >= 0, idx <= last)
+    # Compared in a signed type wide enough for every value (uint64 2**64 - 1
+    # becomes -1: out of range either way).
+    wide = "int64" if dtype in ("int64", "uint32", "uint64") else "int32"
+    idx = ops.convert_to_tensor(index if values is None else values, dtype=wide)
+    rows = ops.cast(n if n is not None else ops.shape(e)[0], wide)
+    valid = ops.logical_and(idx >= 0, idx < rows)
     nan = ops.cast(float("nan"), _dtype_name(e))
-    marker = ops.sum(ops.where(valid, ops.zeros((), _dtype_name(e)), nan))
-    return ops.clip(idx, 0, ops.maximum(last, 0)), marker
+    marker = ops.sum(ops64.where(valid, ops.zeros((), _dtype_name(e)), nan))
+    return ops.cast(ops64.where(valid, idx, ops.zeros_like(idx)), "int32"), marker
+
+
+# ---------------------------------------------------------------------------
+# Reduction (Keras' meaning)
+# ---------------------------------------------------------------------------
+
+MEAN = "sum_over_batch_size"
+_REDUCTIONS = (MEAN, "sum", None, "none")
+
+
+def check_reduction(reduction: Any, loss_name: str | None = None) -> str:
+    """``reduction`` as ``"sum_over_batch_size"``, ``"sum"`` or ``"none"`` (``None``).
+
+    Keras' meaning: the mean of the per-sample terms (the default), their
+    sum, or the terms themselves. ``loss_name``: a batch-level loss (no
+    per-sample terms), which accepts the default only.
+    """
+    if not (reduction is None or isinstance(reduction, str)) or reduction not in _REDUCTIONS:
+        raise ValueError(
+            "reduction must be 'sum_over_batch_size' (the mean), 'sum', None or 'none', "
+            f"got {reduction!r}."
+        )
+    if reduction is None:
+        reduction = "none"
+    if loss_name is not None and reduction != MEAN:
+        raise ValueError(
+            f"{loss_name} is a batch-level loss (not a mean of per-sample terms): it supports "
+            f"only reduction='sum_over_batch_size', got {reduction!r}."
+        )
+    return reduction
+
+
+def _reduce(terms: Tensor, reduction: str) -> Tensor:
+    """The mean (default), sum or vector of per-sample ``terms``."""
+    if reduction == "none":
+        return terms
+    if reduction == "sum":
+        return ops.sum(terms)
+    return _mean(terms)
 
 
 # ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from ckd_core._checks import Tensor
+from ckd_core._checks import Tensor, ops64
 
 # RepDistiller clamps squared pairwise distances at this value before sqrt.
 _PDIST_EPS = 1e-12
@@ -43,16 +43,20 @@ _ANGLE_CHUNK_ENTRIES = 1 << 19
 def _inverse_distances(gram: Tensor) -> Tensor:
     """``1 / ||x_i - x_j||``, and 0 for ``i == j`` and duplicated rows.
 
-    A squared distance below a few ulps of the squared norms is rounding
-    noise of the Gram form: such pairs are duplicates, whose direction
-    vector is zero in RepDistiller's explicit form (cosine 0).
+    The Gram form ``G_ii + G_jj - 2 G_ij`` of a squared distance carries a
+    rounding error of about ``eps (G_ii + G_jj)``: below that its sign is
+    noise, so such pairs count as duplicates, whose direction vector is
+    zero in RepDistiller's explicit form (cosine 0). In distances: rows
+    closer than ``sqrt(eps (||x_i - m||^2 + ||x_j - m||^2))`` (``m`` the batch
+    mean; ``sqrt(eps)`` is 3.5e-4 in float32). The smallest threshold above
+    the noise; it also bounds ``1 / ||x_i - x_j||^2`` and so the gradient.
     """
     sq_norm = ops.diagonal(gram)
     eps = float(np.finfo(keras.backend.standardize_dtype(gram.dtype)).eps)
-    threshold = (sq_norm[:, None] + sq_norm[None, :]) * (64 * eps) + _PDIST_EPS
+    threshold = (sq_norm[:, None] + sq_norm[None, :]) * eps + _PDIST_EPS
     sq_dist = sq_norm[:, None] + sq_norm[None, :] - gram * 2
     valid = sq_dist > threshold
-    return ops.where(valid, ops.rsqrt(ops.where(valid, sq_dist, 1)), 0)
+    return ops64.where(valid, ops64.rsqrt(ops64.where(valid, sq_dist, 1)), 0)
 
 
 def _angle_chunks(n: int | None) -> list[tuple[int, int | None]]:
@@ -98,7 +102,7 @@ def _angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, T
     for start, stop in _angle_chunks(n):
         cos_s, scale_s = _cosines(gram_s, inv_s, start, stop)
         diff = cos_s - _cosines(gram_t, inv_t, start, stop)[0]
-        slope = ops.clip(diff, -1, 1)  # smooth-L1'
+        slope = ops64.clip(diff, -1, 1)  # smooth-L1'
         # smooth_l1(x) = slope * (x - slope / 2) (ops.vdot runs float64 in float32)
         total = total + ops.sum(slope * (diff - slope * 0.5))
         inv_rows = inv_s[start:stop]
@@ -107,27 +111,56 @@ def _angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, T
         grad_inner = grad_inner + ops.sum(d_inner, axis=0)
         d_inner_rows = ops.sum(d_inner, axis=2)
         # d loss / d sq_dist[a, j] = -1/2 inv^2 * 2 sum_k slope * cos
-        d_sq_dist = -(ops.square(inv_rows) * ops.sum(slope * cos_s, axis=2))
+        d_sq_dist = -(ops64.square(inv_rows) * ops.sum(slope * cos_s, axis=2))
         grad_rows.append(-2 * (d_inner_rows + d_sq_dist))
         grad_diag.append(ops.sum(d_inner_rows, axis=1) + ops.sum(d_sq_dist, axis=1))
         grad_col_diag = grad_col_diag + ops.sum(d_sq_dist, axis=0)
     grad = grad_inner + ops.concatenate(grad_rows, axis=0)
     grad = grad + ops.diag(ops.concatenate(grad_diag, axis=0) + grad_col_diag)
     if n is None:  # unknown (traced) batch size; 0 rows give 0, not 0 / 0
-        count = ops.cast(ops.maximum(ops.shape(gram_s)[0], 1), gram_s.dtype)
+        count = ops.cast(ops64.maximum(ops.shape(gram_s)[0], 1), gram_s.dtype)
         scale = 1 / (count * count * count)
     else:
         scale = 1 / float(max(n, 1)) ** 3
     return total * scale, grad * scale
 
 
-@keras.ops.custom_gradient
-def _angle_loss_of_gram(gram_s: Tensor, gram_t: Tensor) -> Any:
+def _angle_loss_of_gram_with_grad(gram_s: Tensor, gram_t: Tensor) -> Any:
+    """The angle loss with its analytic gradient attached (``keras.ops.custom_gradient``).
+
+    The gradient computed in the forward pass serves first-order
+    backpropagation. Torch differentiates a backward pass only when it
+    records one (``create_graph=True``, grad mode on inside ``backward``):
+    the gradient is then recomputed from the saved Gram matrix, so that its
+    own derivative (the Hessian) is exact. JAX and TensorFlow differentiate
+    the forward pass's gradient directly.
+    """
     loss, grad = _angle_loss_and_gram_grad(gram_s, gram_t)
 
     def grad_fn(*args: Any, upstream: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if upstream is None:
+        gram_grad = grad
+        if upstream is None:  # JAX, TensorFlow: grad_fn(upstream)
             (upstream,) = args
-        return grad * upstream, ops.zeros_like(gram_t)
+        elif _torch_records_backward():  # torch: grad_fn(*saved_inputs, upstream=...)
+            gram_grad = _angle_loss_and_gram_grad(args[0], args[1])[1]
+        return gram_grad * upstream, ops.zeros_like(gram_t)
 
     return loss, grad_fn
+
+
+def _torch_records_backward() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
+
+
+def _angle_loss_without_grad(gram_s: Tensor, gram_t: Tensor) -> Tensor:
+    return _angle_loss_and_gram_grad(gram_s, gram_t)[0]
+
+
+# The numpy backend has no gradients (and warns on ``custom_gradient``).
+_angle_loss_of_gram = (
+    _angle_loss_without_grad
+    if keras.backend.backend() == "numpy"
+    else keras.ops.custom_gradient(_angle_loss_of_gram_with_grad)
+)

@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 
 from ckd_core._checks import (
+    MEAN,
     AllReduce,
     Tensor,
     _cast,
@@ -20,11 +21,16 @@ from ckd_core._checks import (
     _mean,
     _nonfinite_marker,
     _num_rows,
+    _peak,
     _prepare,
+    _reduce,
+    _safe_ratio,
     _scale,
     _size,
     _weights,
     check_int,
+    check_reduction,
+    ops64,
 )
 
 __all__ = ["comparative_loss", "make_projection", "projected_rkd_loss"]
@@ -32,27 +38,39 @@ __all__ = ["comparative_loss", "make_projection", "projected_rkd_loss"]
 _PROJECTIONS = ("gaussian", "orthogonal", "identity")
 
 
-def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den > 0``, else 0, with finite gradients.
+def check_projection_kind(kind: str) -> str:
+    """``kind`` if it names a projection of :func:`make_projection`, else ``ValueError``."""
+    if not isinstance(kind, str) or kind not in _PROJECTIONS:
+        raise ValueError(
+            f"projection must be 'gaussian', 'orthogonal' or 'identity', got {kind!r}."
+        )
+    return kind
 
-    NaN or infinite ``num``/``den`` give NaN, never 0: the fallback branch is
-    ``(num + den) * 0``.
+
+def _pair_weight_sum(w: Tensor) -> Tensor:
+    """``sum_{i != j} w_i w_j = 2 sum_j w_j sum_{i < j} w_i``.
+
+    Exclusive prefix sums of non-negative terms: no ``W^2 - sum w^2``
+    cancellation (``w = [1, 1e-8]`` gives 2e-8, not 0).
     """
-    positive = den > 0
-    return ops.where(positive, num / ops.where(positive, den, ops.ones_like(den)), (num + den) * 0)
+    prefix = ops.concatenate([ops.zeros_like(w[:1]), ops64.cumsum(w)[:-1]])
+    return 2 * ops.sum(w * prefix)
 
 
-def _centred_sum_of_squares(e: Tensor) -> Tensor:
-    """``sum_i ||e_i - m||^2`` with ``m`` the row mean.
+def _weighted_centre(e: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W, e - m)``: the weight sum and ``e`` about its weighted row mean ``m``."""
+    total_w = ops.sum(w)
+    mean = ops.sum(e * w[:, None], axis=0, keepdims=True) / ops64.where(total_w > 0, total_w, 1)
+    return total_w, e - mean
 
-    The mean enters through ``stop_gradient``: the derivative with respect to
-    ``m`` is ``-2 sum_i (e_i - m) = 0``, so the gradient ``2 (e_i - m)`` is
-    exact while the backward pass skips the column reduction and its
-    ``(n, d)`` temporaries. Plain ops (no custom gradient) keep the loss
-    composable with ``torch.func.vmap``/``grad``.
-    """
-    centred = e - ops.stop_gradient(_mean(e, axis=0, keepdims=True))
-    return ops.sum(centred * centred)
+
+def _pair_coefficient(e: Tensor) -> float | Tensor:
+    """``2 / ((n - 1) d)``, 0 for ``n < 2``: ``sum_ij ||e_i - e_j||^2 = 2n sum_i ||e_i - m||^2``."""
+    n, d = e.shape
+    if n is not None and d is not None:
+        return 2 / ((n - 1) * d) if n > 1 else 0.0
+    rows = _num_rows(e)
+    return ops.cast(rows > 1, e.dtype) * 2 / (ops64.where(rows > 1, rows - 1, 1) * _size(e, 1))
 
 
 def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = None) -> Tensor:
@@ -60,28 +78,45 @@ def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = N
 
     Centred O(n·d) form: ``sum_ij w_i w_j ||e_i - e_j||^2
     = 2 W sum_i w_i ||e_i - m||^2`` with ``W = sum w`` and ``m`` the
-    weighted mean; the pair weights sum to ``W^2 - sum w^2``. With
+    weighted mean; the pair weights sum to :func:`_pair_weight_sum`.
+    ``e`` is divided by its peak before squaring (:func:`_peak`). With
     ``all_reduce`` the sums run over the batch of all replicas
     (:func:`_global_all_pairs_mse`).
     """
     if all_reduce is not None:
         return _global_all_pairs_mse(e, w, all_reduce)
-    n, d = e.shape
+    n = e.shape[0]
+    if w is None and n is not None and n < 2:
+        return ops.sum(e * 0)
+    peak = _peak(e)
+    e = e / peak
     if w is None:
-        if n is not None and n < 2:
-            return ops.sum(e * 0)
-        # 2n sum||e_i - m||^2 / (n (n - 1) d)
-        if n is not None and d is not None:
-            return _centred_sum_of_squares(e) * (2 / ((n - 1) * d))
-        n, d = _num_rows(e), _size(e, 1)
-        return _centred_sum_of_squares(e) * 2 / (ops.where(n > 1, n - 1, 1) * d)
-    d = _size(e, 1)
-    w_col = w[:, None]
-    total_w = ops.sum(w)
-    mean = ops.sum(e * w_col, axis=0, keepdims=True) / ops.where(total_w > 0, total_w, 1)
-    spread = ops.sum(ops.square(e - mean) * w_col)
-    pair_w = ops.square(total_w) - ops.sum(ops.square(w))
-    return _safe_ratio(2 * total_w * spread, pair_w * d)
+        centred = e - _mean(e, axis=0, keepdims=True)
+        loss = ops.sum(centred * centred) * _pair_coefficient(e)
+    else:
+        total_w, centred = _weighted_centre(e, w)
+        spread = ops.sum(ops64.square(centred) * w[:, None])
+        loss = _safe_ratio(2 * total_w * spread, _pair_weight_sum(w) * _size(e, 1))
+    return loss * peak * peak
+
+
+def _all_pairs_terms(e: Tensor, w: Tensor | None) -> Tensor:
+    """Per-sample terms ``t_i`` of the centred form, whose mean is :func:`_all_pairs_mse`.
+
+    ``t_i = n * 2 W w_i ||e_i - m||^2 / (sum_{k != l} w_k w_l * d)`` (``w = 1``
+    without weights).
+    """
+    peak = _peak(e)
+    e = e / peak
+    rows = _num_rows(e)
+    if w is None:
+        centred = e - _mean(e, axis=0, keepdims=True)
+        shares = ops.sum(centred * centred, axis=1) * _pair_coefficient(e)
+    else:
+        total_w, centred = _weighted_centre(e, w)
+        scale = _safe_ratio(2 * total_w, _pair_weight_sum(w) * _size(e, 1))
+        shares = ops.sum(ops64.square(centred), axis=1) * w * scale
+    return shares * rows * peak * peak
 
 
 def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) -> Tensor:
@@ -116,17 +151,17 @@ def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) ->
         sums = stats[1:]
     else:
         w_col = w[:, None]
-        weight_sums = ops.stack([ops.sum(w), ops.sum(ops.square(w))])
+        weight_sums = ops.stack([ops.sum(w), ops.sum(ops64.square(w))])
         local = ops.concatenate([weight_sums, ops.stop_gradient(ops.sum(e * w_col, axis=0))])
         stats = all_reduce(local)
         total_w = stats[0:1]
-        pair_w = ops.square(total_w) - stats[1:2]
+        pair_w = ops64.square(total_w) - stats[1:2]
         sums = stats[2:]
     # Guards by masks, not ops.where: Keras' numpy backend computes
     # ops.where in float32 even for float64 operands.
     dtype = keras.backend.standardize_dtype(e.dtype)
     mean = sums[None, :] / (total_w + ops.cast(total_w <= 0, dtype))
-    sq = ops.square(e - mean)
+    sq = ops64.square(e - mean)
     local_spread = ops.sum(sq if w is None else sq * w[:, None])
     spread = all_reduce(ops.reshape(local_spread, (1,)))
     has_pairs = ops.cast(pair_w > 0, dtype)
@@ -142,6 +177,7 @@ def comparative_loss(
     pairs: str | Sequence[Tensor] = "all",
     groups: Sequence[Tensor] | None = None,
     all_reduce: AllReduce | None = None,
+    reduction: str | None = MEAN,
 ) -> Tensor:
     r"""Comparative knowledge distillation (CKD) loss.
 
@@ -175,10 +211,16 @@ def comparative_loss(
             all-pairs loss then covers the global batch, the concatenation
             of every replica's rows (shards may differ in size), for
             ``O(dim)`` numbers communicated per call (two collectives), not
-            ``O(batch·dim)``. Only with ``pairs="all"``.
+            ``O(batch·dim)``. Only with ``pairs="all"`` and the default
+            ``reduction``.
+        reduction: Keras' meaning. ``"sum_over_batch_size"`` (default): the
+            loss above; ``"sum"`` and ``None``/``"none"``: the sum or the
+            vector of per-sample terms whose mean is that loss (one term per
+            row for all pairs, from the centred form; one per pair or group
+            with ``pairs``/``groups``).
 
     Returns:
-        Scalar loss in ``y_pred``'s dtype.
+        The loss in ``y_pred``'s dtype (scalar unless ``reduction`` is ``None``).
 
     Example:
         >>> import numpy as np
@@ -191,59 +233,88 @@ def comparative_loss(
         Wilf, Xu, Liang, Obolenskiy, Fried, Morency. "Comparative Knowledge
         Distillation." WACV 2025.
     """
+    reduction = check_reduction(reduction)
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     e = y_pred - y_true
-    n = y_pred.shape[0]
     explicit = groups is not None or not isinstance(pairs, str)
-    if all_reduce is not None and explicit:
+    if all_reduce is not None and (explicit or reduction != MEAN):
         raise ValueError(
-            "all_reduce is only supported with pairs='all' (the global batch has no "
-            "explicit pairs or groups)."
+            "all_reduce is only supported with pairs='all' and reduction='sum_over_batch_size' "
+            "(the global batch has no explicit pairs, groups or local per-sample terms)."
         )
     if groups is not None:
-        if sample_weight is not None:
-            raise ValueError(
-                "sample_weight is not supported with groups (a group mean has no per-row weight)."
-            )
-        group_a, group_b = _index_pair(groups, "groups")
-        ga, bad_a = _indices(group_a, "groups[0]", 2, e)
-        gb, bad_b = _indices(group_b, "groups[1]", 2, e)
-        if None not in (ga.shape[0], gb.shape[0]) and ga.shape[0] != gb.shape[0]:
-            raise ValueError(
-                "groups[0] and groups[1] must have the same number of groups (rows), got "
-                f"shapes {tuple(ga.shape)} and {tuple(gb.shape)}."
-            )
-        delta = _mean(ops.take(e, ga, axis=0), axis=1) - _mean(ops.take(e, gb, axis=0), axis=1)
-        loss = _mean(ops.square(delta)) + _nonfinite_marker(e)
-        loss = _add_markers(loss, bad_a, bad_b)
+        loss = _groups_loss(e, groups, sample_weight, reduction)
     elif isinstance(pairs, str):
         if pairs != "all":
             raise ValueError(
                 f"pairs must be 'all' or a pair (a, b) of index vectors, got {pairs!r}."
             )
-        if sample_weight is None:  # the hot path: no call overhead
-            loss = _all_pairs_mse(e, None, all_reduce)
-        else:
-            w, scale = _weights(sample_weight, e, n)
-            loss = _scale(_all_pairs_mse(e, w, all_reduce), scale)
+        loss = _all_pairs_loss(e, sample_weight, all_reduce, reduction)
     else:
-        index_a, index_b = _index_pair(pairs, "pairs")
-        a, bad_a = _indices(index_a, "pairs[0]", 1, e)
-        b, bad_b = _indices(index_b, "pairs[1]", 1, e)
-        if None not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]:
-            raise ValueError(
-                "pairs[0] and pairs[1] must have the same length, got shapes "
-                f"{tuple(a.shape)} and {tuple(b.shape)}."
-            )
-        sq = ops.square(ops.take(e, a, axis=0) - ops.take(e, b, axis=0))
-        w, scale = _weights(sample_weight, e, n)
-        if w is None:
-            loss = _mean(sq)
-        else:
-            pair_w = ops.take(w, a, axis=0) * ops.take(w, b, axis=0)
-            loss = _safe_ratio(ops.sum(sq * pair_w[:, None]), ops.sum(pair_w) * _size(sq, 1))
-        loss = _add_markers(_scale(loss, scale) + _nonfinite_marker(e), bad_a, bad_b)
+        loss = _pairs_loss(e, pairs, sample_weight, reduction)
     return _cast(loss, out_dtype)
+
+
+def _all_pairs_loss(
+    e: Tensor, sample_weight: Tensor | None, all_reduce: AllReduce | None, reduction: str
+) -> Tensor:
+    if sample_weight is None:  # the hot path: no call overhead
+        w, scale = None, None
+    else:
+        w, scale = _weights(sample_weight, e, e.shape[0])
+    if reduction == MEAN:
+        return _scale(_all_pairs_mse(e, w, all_reduce), scale)
+    return _scale(_reduce(_all_pairs_terms(e, w), reduction), scale)
+
+
+def _groups_loss(
+    e: Tensor, groups: Sequence[Tensor], sample_weight: Tensor | None, reduction: str
+) -> Tensor:
+    """Mean over groups and columns of the squared difference of group means."""
+    if sample_weight is not None:
+        raise ValueError(
+            "sample_weight is not supported with groups (a group mean has no per-row weight)."
+        )
+    group_a, group_b = _index_pair(groups, "groups")
+    ga, bad_a = _indices(group_a, "groups[0]", 2, e)
+    gb, bad_b = _indices(group_b, "groups[1]", 2, e)
+    if None not in (ga.shape[0], gb.shape[0]) and ga.shape[0] != gb.shape[0]:
+        raise ValueError(
+            "groups[0] and groups[1] must have the same number of groups (rows), got "
+            f"shapes {tuple(ga.shape)} and {tuple(gb.shape)}."
+        )
+    peak = _peak(e)
+    scaled = e / peak
+    mean_a = _mean(ops.take(scaled, ga, axis=0), axis=1)
+    delta = mean_a - _mean(ops.take(scaled, gb, axis=0), axis=1)
+    terms = _mean(ops64.square(delta), axis=1) * peak * peak
+    return _add_markers(_reduce(terms, reduction) + _nonfinite_marker(e), bad_a, bad_b)
+
+
+def _pairs_loss(
+    e: Tensor, pairs: Sequence[Tensor], sample_weight: Tensor | None, reduction: str
+) -> Tensor:
+    """Mean over the listed pairs and columns (pair weight ``w_a w_b``)."""
+    index_a, index_b = _index_pair(pairs, "pairs")
+    a, bad_a = _indices(index_a, "pairs[0]", 1, e)
+    b, bad_b = _indices(index_b, "pairs[1]", 1, e)
+    if None not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            "pairs[0] and pairs[1] must have the same length, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    peak = _peak(e)
+    scaled = e / peak
+    per_pair = _mean(
+        ops64.square(ops.take(scaled, a, axis=0) - ops.take(scaled, b, axis=0)), axis=1
+    )
+    w, scale = _weights(sample_weight, e, e.shape[0])
+    if w is not None:
+        pair_w = ops.take(w, a, axis=0) * ops.take(w, b, axis=0)
+        # terms whose mean is sum(pair_w * per_pair) / sum(pair_w)
+        per_pair = per_pair * _safe_ratio(pair_w * _num_rows(per_pair), ops.sum(pair_w))
+    loss = _scale(_reduce(per_pair * peak * peak, reduction), scale)
+    return _add_markers(loss + _nonfinite_marker(e), bad_a, bad_b)
 
 
 def _add_markers(loss: Tensor, *markers: Tensor | None) -> Tensor:
@@ -265,10 +336,7 @@ def make_projection(dim: int, out_dim: int, kind: str = "gaussian", seed: int = 
     dim = check_int(dim, "dim", minimum=1)
     out_dim = check_int(out_dim, "out_dim", minimum=1)
     seed = check_int(seed, "seed", minimum=0)
-    if kind not in _PROJECTIONS:
-        raise ValueError(
-            f"projection must be 'gaussian', 'orthogonal' or 'identity', got {kind!r}."
-        )
+    check_projection_kind(kind)
     if kind == "identity":
         if out_dim != dim:
             raise ValueError(f"identity projection needs out_dim == dim, got {out_dim} != {dim}.")
@@ -276,12 +344,10 @@ def make_projection(dim: int, out_dim: int, kind: str = "gaussian", seed: int = 
     gaussian = np.random.default_rng(seed).standard_normal((dim, out_dim))
     if kind == "gaussian":
         return gaussian / np.sqrt(out_dim)
-    if kind == "orthogonal":
-        if out_dim > dim:
-            raise ValueError(f"orthogonal projection needs out_dim <= dim, got {out_dim} > {dim}.")
-        q, r = np.linalg.qr(gaussian)
-        return q * np.sign(np.diag(r))
-    raise ValueError(f"projection must be 'gaussian', 'orthogonal' or 'identity', got {kind!r}.")
+    if out_dim > dim:
+        raise ValueError(f"orthogonal projection needs out_dim <= dim, got {out_dim} > {dim}.")
+    q, r = np.linalg.qr(gaussian)
+    return q * np.sign(np.diag(r))
 
 
 def projected_rkd_loss(
@@ -291,6 +357,7 @@ def projected_rkd_loss(
     sample_weight: Tensor | None = None,
     *,
     all_reduce: AllReduce | None = None,
+    reduction: str | None = MEAN,
 ) -> Tensor:
     r"""Projected relational distillation RKD_d (the CKD paper's ablation).
 
@@ -302,7 +369,8 @@ def projected_rkd_loss(
     :func:`make_projection`), in O(n·dim·k) via the CKD identity on the
     projected residuals. With ``P = I`` it equals :func:`comparative_loss`.
     ``all_reduce`` extends the pairs to the global data-parallel batch, as
-    in :func:`comparative_loss` (``O(k)`` numbers communicated).
+    in :func:`comparative_loss` (``O(k)`` numbers communicated);
+    ``reduction`` as in :func:`comparative_loss` (one term per row).
 
     Example:
         >>> import numpy as np
@@ -311,6 +379,12 @@ def projected_rkd_loss(
         >>> float(projected_rkd_loss(t, s, make_projection(3, 2)))
         0.0
     """
+    reduction = check_reduction(reduction)
+    if all_reduce is not None and reduction != MEAN:
+        raise ValueError(
+            "all_reduce is only supported with reduction='sum_over_batch_size' (the global "
+            "batch has no local per-sample terms)."
+        )
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     if projection is None or isinstance(projection, str):
         raise TypeError(
@@ -325,5 +399,4 @@ def projected_rkd_loss(
             f"shape {tuple(y_pred.shape)}), got shape {p_shape}."
         )
     e = (y_pred - y_true) @ p
-    w, scale = _weights(sample_weight, e, y_pred.shape[0])
-    return _cast(_scale(_all_pairs_mse(e, w, all_reduce), scale), out_dtype)
+    return _cast(_all_pairs_loss(e, sample_weight, all_reduce, reduction), out_dtype)

@@ -2,7 +2,9 @@
 
 Every function takes teacher outputs (or one-hot labels) as ``y_true`` and
 student outputs as ``y_pred``, both of shape ``(batch, dim)``, and returns a
-scalar in the input dtype. They are written with ``keras.ops`` only, so they
+scalar in the input dtype. ``reduction`` has Keras' meaning where the loss
+is a mean of per-sample terms (KD, CKD, RKD_d); the batch-level losses (RKD,
+DIST) accept only its default. They are written with ``keras.ops`` only, so they
 run unchanged on the JAX, TensorFlow, PyTorch and NumPy backends, inside
 ``jax.jit``, ``tf.function`` and ``torch.compile``.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 from ckd_core._checks import AllReduce  # noqa: F401  (the type of all_reduce=)
 from ckd_core.comparative import comparative_loss, make_projection, projected_rkd_loss
 from ckd_core.logit import dist_loss, kd_loss
-from ckd_core.relational import rkd_angle_loss, rkd_distance_loss
+from ckd_core.relational import rkd_angle_loss, rkd_distance_loss, rkd_loss
 
 __all__ = [
     "comparative_loss",
@@ -29,4 +31,5 @@ __all__ = [
     "projected_rkd_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
+    "rkd_loss",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 from keras import ops
 
 from ckd_core._checks import (
+    MEAN,
     AllGather,
     Tensor,
     _cast,
@@ -17,10 +18,12 @@ from ckd_core._checks import (
     _nonfinite_marker,
     _num_rows,
     _prepare,
+    _safe_ratio,
     check_number,
+    check_reduction,
+    ops64,
 )
 from ckd_core._rkd_angle import _PDIST_EPS, _angle_loss_of_gram
-from ckd_core.comparative import _safe_ratio
 
 __all__ = ["rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
@@ -33,8 +36,8 @@ def _centred_gram(x: Tensor) -> Tensor:
     squared distances cannot overflow (e.g. 1e30 in float32).
     """
     big = float(np.finfo(keras.backend.standardize_dtype(x.dtype)).max) ** 0.25
-    peak = ops.stop_gradient(ops.max(ops.abs(x)))
-    x = x / ops.where(peak > big, peak, 1)
+    peak = ops.stop_gradient(ops.amax(ops.abs(x)))
+    x = x / ops64.where(peak > big, peak, 1)
     x = x - _mean(x, axis=0, keepdims=True)
     return x @ ops.transpose(x)  # ops.matmul computes float64 in float32 on torch
 
@@ -53,7 +56,7 @@ def _normalized_distances(x: Tensor) -> Tensor:
     """
     n = _num_rows(x)
     sq_dist = _sq_dist(_centred_gram(x))
-    dist = ops.sqrt(ops.where(sq_dist > _PDIST_EPS, sq_dist, _PDIST_EPS))
+    dist = ops64.sqrt(ops64.where(sq_dist > _PDIST_EPS, sq_dist, _PDIST_EPS))
     size = n if isinstance(n, int) else ops.shape(x)[0]
     dist = dist * (1 - ops.eye(size, dtype=keras.backend.standardize_dtype(dist.dtype)))
     # Off-diagonal distances are >= sqrt(eps) > 0, so "mean of the nonzero
@@ -66,11 +69,15 @@ def _normalized_distances(x: Tensor) -> Tensor:
 
 def _smooth_l1(diff: Tensor) -> Tensor:
     absolute = ops.abs(diff)
-    return ops.where(absolute < 1, 0.5 * ops.square(diff), absolute - 0.5)
+    return ops64.where(absolute < 1, 0.5 * ops64.square(diff), absolute - 0.5)
 
 
 def rkd_distance_loss(
-    y_true: Tensor, y_pred: Tensor, *, all_gather: AllGather | None = None
+    y_true: Tensor,
+    y_pred: Tensor,
+    *,
+    all_gather: AllGather | None = None,
+    reduction: str | None = MEAN,
 ) -> Tensor:
     r"""RKD distance term: smooth-L1 between normalized pairwise distances.
 
@@ -94,6 +101,7 @@ def rkd_distance_loss(
     Reference:
         Park, Kim, Lu, Cho. "Relational Knowledge Distillation." CVPR 2019.
     """
+    check_reduction(reduction, "RKD")
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     y_true, y_pred = _gather(y_true, y_pred, all_gather)
     return _cast(_distance_term(y_true, y_pred), out_dtype)
@@ -136,13 +144,17 @@ def rkd_loss(
     distance_weight: float = 25.0,
     angle_weight: float = 50.0,
     all_gather: AllGather | None = None,
+    reduction: str | None = MEAN,
 ) -> Tensor:
     """``distance_weight * distance + angle_weight * angle`` (one gather, one check).
 
     A zero weight skips its term (but non-finite input still gives NaN).
+    RKD is a batch-level loss: ``reduction`` accepts only
+    ``"sum_over_batch_size"`` (as in :func:`rkd_distance_loss`).
     """
     distance_weight = check_number(distance_weight, "distance_weight")
     angle_weight = check_number(angle_weight, "angle_weight")
+    check_reduction(reduction, "RKD")
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     y_true, y_pred = _gather(y_true, y_pred, all_gather)
     if distance_weight or not angle_weight:
@@ -154,7 +166,11 @@ def rkd_loss(
 
 
 def rkd_angle_loss(
-    y_true: Tensor, y_pred: Tensor, *, all_gather: AllGather | None = None
+    y_true: Tensor,
+    y_pred: Tensor,
+    *,
+    all_gather: AllGather | None = None,
+    reduction: str | None = MEAN,
 ) -> Tensor:
     r"""RKD angle term: smooth-L1 between cosines of all triplet angles.
 
@@ -169,8 +185,10 @@ def rkd_angle_loss(
     as cosine 0, as in RepDistiller. Cosines come from the Gram matrix of the
     centred batch, in anchor chunks of bounded memory; the gradient is
     analytic, so backpropagation needs no ``(n, n, n)`` tensor. The teacher
-    side carries no gradient. Float32 cosines lose accuracy for rows closer
-    than about ``sqrt(eps)`` times the batch spread. With an unknown (traced)
+    side carries no gradient. Rows closer than ``sqrt(eps)`` times
+    ``sqrt(||x_i - m||^2 + ||x_j - m||^2)`` (``m`` the batch mean) count as
+    duplicates (cosine 0); cosines of rows a few times farther apart keep a
+    relative error of about ``eps ||x - m||^2 / ||x_i - x_j||^2``. With an unknown (traced)
     batch size, e.g. ``tf.function`` with a ``None`` batch dimension, all
     anchors form one chunk: O(n^3) memory. ``all_gather``: as in
     :func:`rkd_distance_loss` (O(N^3) time for the global batch N).
@@ -178,6 +196,7 @@ def rkd_angle_loss(
     Reference:
         Park, Kim, Lu, Cho. "Relational Knowledge Distillation." CVPR 2019.
     """
+    check_reduction(reduction, "RKD")
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     y_true, y_pred = _gather(y_true, y_pred, all_gather)
     return _cast(_angle_term(y_true, y_pred), out_dtype)
