@@ -52,34 +52,24 @@ DTYPE_TINY = {name: float(ml_dtypes.finfo(dt).smallest_subnormal) for name, dt i
 
 # Relative tolerance of a loss value against the float64 oracle, by input
 # dtype. Half types are accumulated in float32 and only the result is rounded,
-# so they get ~2 ulps of the output type. The Keras numpy backend silently
-# converts float64 arrays to float32 (``convert_to_tensor`` without a dtype
-# uses ``floatx``), so there float64 inputs get float32 tolerances.
+# so they get ~2 ulps of the output type. Every backend, numpy included,
+# computes float64 in float64.
 RTOL = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-5, "float64": 1e-10}
 
 
 def rtol(dtype: str) -> float:
-    if BACKEND == "numpy" and dtype == "float64":
-        return RTOL["float32"]
     return RTOL[dtype]
 
 
 def compute_eps(dtype: str) -> float:
     """Machine epsilon of the precision the losses compute in for ``dtype``."""
-    if dtype in HALF_DTYPES or (BACKEND == "numpy" and dtype == "float64"):
+    if dtype in HALF_DTYPES:
         return float(np.finfo(np.float32).eps)
     return float(np.finfo(NP_DTYPES[dtype]).eps)
 
 
 def expected_out_dtypes(dtype: str) -> tuple[str, ...]:
-    """Allowed output dtypes of a loss for inputs of ``dtype``.
-
-    The input dtype, except on the numpy backend where Keras may demote
-    float64 to float32 (``convert_to_tensor`` and Python-float constants use
-    ``floatx``).
-    """
-    if BACKEND == "numpy" and dtype == "float64":
-        return ("float64", "float32")
+    """Allowed output dtypes of a loss for inputs of ``dtype``: ``dtype`` itself."""
     return (dtype,)
 
 
@@ -308,69 +298,110 @@ def projection_for(d: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LossCase:
-    """A loss of the table: ``fn(t, s, **options)``, its oracle and its class.
+    """A loss of the table: ``fn(t, s, **options)``, its oracle and its classes.
 
-    ``weights``: accepts ``sample_weight``; ``pairwise``: 0 for fewer than
-    two rows (else the batch must not be empty); ``make`` builds the Keras
-    class with the same meaning as ``fn`` (``RKDLoss`` with one term).
+    ``class_name`` names the class in ``ckd_core``, ``ckd_torch`` and
+    ``ckd_tensorflow``, built with ``hyperparameters`` (``RKDLoss`` with one
+    term) so that it means the same as ``fn``. ``weights``: accepts
+    ``sample_weight``; ``pairwise``: 0 for fewer than two rows (else the
+    batch must not be empty); ``decomposes``: a mean of per-sample terms
+    (``reduction`` has Keras' meaning; else only its default is accepted).
     """
 
     name: str
     fn: Callable[..., Any]
     oracle: Callable[..., float]
-    make: Callable[[], Any]
+    class_name: str
+    hyperparameters: dict[str, Any]
     weights: bool
     pairwise: bool
+    decomposes: bool
+
+    def make(self, **options: Any) -> Any:
+        """The ``ckd_core`` (Keras) class."""
+        import ckd_core
+
+        return getattr(ckd_core, self.class_name)(**self.hyperparameters, **options)
+
+    def make_torch(self, **options: Any) -> Any:
+        """The ``ckd_torch`` module (torch backend only)."""
+        import ckd_torch
+
+        return getattr(ckd_torch, self.class_name)(**self.hyperparameters, **options)
+
+    def make_tensorflow(self, **options: Any) -> Any:
+        """The ``ckd_tensorflow`` class (TensorFlow backend only)."""
+        import ckd_tensorflow
+
+        return getattr(ckd_tensorflow, self.class_name)(**self.hyperparameters, **options)
+
+
+def _projected(t: Any, s: Any, *args: Any, **kw: Any) -> Any:
+    from ckd_core import functional as F
+
+    shape = tuple(s.shape)
+    d = shape[1] if len(shape) == 2 and shape[1] else 1  # bad shapes: any projection
+    return F.projected_rkd_loss(t, s, projection_for(d), *args, **kw)
 
 
 def _table() -> dict[str, LossCase]:
     import oracle
 
-    import ckd_core
     from ckd_core import functional as F
 
-    def projected(t: Any, s: Any, *args: Any, **kw: Any) -> Any:
-        shape = tuple(s.shape)
-        d = shape[1] if len(shape) == 2 and shape[1] else 1  # bad shapes: any projection
-        return F.projected_rkd_loss(t, s, projection_for(d), *args, **kw)
-
+    distance_only = {"distance_weight": 1.0, "angle_weight": 0.0}
+    angle_only = {"distance_weight": 0.0, "angle_weight": 1.0}
+    projected = lambda t, s: oracle.projected(t, s, projection_for(t.shape[1]))  # noqa: E731
     cases = [
         LossCase(
             "comparative",
             F.comparative_loss,
             oracle.comparative,
-            ckd_core.ComparativeLoss,
+            "ComparativeLoss",
+            {},
+            True,
             True,
             True,
         ),
         LossCase(
             "projected",
+            _projected,
             projected,
-            lambda t, s: oracle.projected(t, s, projection_for(t.shape[1])),
-            lambda: ckd_core.ProjectedRKDLoss(out_dim=2, seed=3),
+            "ProjectedRKDLoss",
+            {"out_dim": 2, "seed": 3},
+            True,
             True,
             True,
         ),
-        LossCase("kd", F.kd_loss, oracle.kd, ckd_core.KDLoss, True, False),
-        LossCase("dist", F.dist_loss, oracle.dist, ckd_core.DISTLoss, False, False),
+        LossCase("kd", F.kd_loss, oracle.kd, "KDLoss", {}, True, False, True),
+        LossCase("dist", F.dist_loss, oracle.dist, "DISTLoss", {}, False, False, False),
         LossCase(
             "rkd_distance",
             F.rkd_distance_loss,
             oracle.rkd_distance,
-            lambda: ckd_core.RKDLoss(distance_weight=1.0, angle_weight=0.0),
+            "RKDLoss",
+            distance_only,
             False,
             True,
+            False,
         ),
         LossCase(
             "rkd_angle",
             F.rkd_angle_loss,
             oracle.rkd_angle,
-            lambda: ckd_core.RKDLoss(distance_weight=0.0, angle_weight=1.0),
+            "RKDLoss",
+            angle_only,
             False,
             True,
+            False,
         ),
     ]
     return {case.name: case for case in cases}
 
 
+# The one table of losses: every loss test iterates over it (or a filter of it).
 LOSSES: dict[str, LossCase] = _table()
+LOSS_NAMES = list(LOSSES)
+WEIGHTED_LOSSES = [name for name, case in LOSSES.items() if case.weights]
+PAIRWISE_LOSSES = [name for name, case in LOSSES.items() if case.pairwise]
+DECOMPOSING_LOSSES = [name for name, case in LOSSES.items() if case.decomposes]

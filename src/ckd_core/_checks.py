@@ -53,15 +53,20 @@ _BACKEND = keras.backend.backend()
 def _elementwise_ops() -> SimpleNamespace:
     """``keras.ops`` element-wise functions that keep float64 on every backend.
 
-    Keras' numpy backend runs these through its type promotion, which maps
-    64-bit dtypes to 32-bit: float64 inputs would be computed in float32.
-    There the NumPy functions themselves are used.
+    Keras' type promotion maps float64 to float32 on the numpy backend (for
+    all of these) and in torch's ``cumsum``: there the NumPy or torch
+    function itself is used.
     """
     names = ("where", "square", "sqrt", "rsqrt", "exp", "clip", "cumsum", "maximum")
-    if _BACKEND != "numpy":
-        return SimpleNamespace(**{name: getattr(ops, name) for name in names})
-    functions = {name: getattr(np, name) for name in names if name != "rsqrt"}
-    return SimpleNamespace(rsqrt=lambda x: 1 / np.sqrt(x), **functions)
+    functions = {name: getattr(ops, name) for name in names}
+    if _BACKEND == "numpy":
+        functions = {name: getattr(np, name) for name in names if name != "rsqrt"}
+        functions["rsqrt"] = lambda x: 1 / np.sqrt(x)
+    elif _BACKEND == "torch":
+        import torch
+
+        functions["cumsum"] = lambda x: torch.cumsum(x, dim=0)
+    return SimpleNamespace(**functions)
 
 
 ops64 = _elementwise_ops()

@@ -100,8 +100,10 @@ def _all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce | None = N
     return loss * peak * peak
 
 
-def _all_pairs_terms(e: Tensor, w: Tensor | None) -> Tensor:
+def _all_pairs_terms(e: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
     """Per-sample terms ``t_i`` of the centred form, whose mean is :func:`_all_pairs_mse`.
+
+    Returned as ``(t / peak^2, peak)``: reduce before multiplying back.
 
     ``t_i = n * 2 W w_i ||e_i - m||^2 / (sum_{k != l} w_k w_l * d)`` (``w = 1``
     without weights).
@@ -116,7 +118,7 @@ def _all_pairs_terms(e: Tensor, w: Tensor | None) -> Tensor:
         total_w, centred = _weighted_centre(e, w)
         scale = _safe_ratio(2 * total_w, _pair_weight_sum(w) * _size(e, 1))
         shares = ops.sum(ops64.square(centred), axis=1) * w * scale
-    return shares * rows * peak * peak
+    return shares * rows, peak
 
 
 def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) -> Tensor:
@@ -264,7 +266,8 @@ def _all_pairs_loss(
         w, scale = _weights(sample_weight, e, e.shape[0])
     if reduction == MEAN:
         return _scale(_all_pairs_mse(e, w, all_reduce), scale)
-    return _scale(_reduce(_all_pairs_terms(e, w), reduction), scale)
+    terms, peak = _all_pairs_terms(e, w)
+    return _scale(_reduce(terms, reduction) * peak * peak, scale)
 
 
 def _groups_loss(
@@ -287,8 +290,8 @@ def _groups_loss(
     scaled = e / peak
     mean_a = _mean(ops.take(scaled, ga, axis=0), axis=1)
     delta = mean_a - _mean(ops.take(scaled, gb, axis=0), axis=1)
-    terms = _mean(ops64.square(delta), axis=1) * peak * peak
-    return _add_markers(_reduce(terms, reduction) + _nonfinite_marker(e), bad_a, bad_b)
+    loss = _reduce(_mean(ops64.square(delta), axis=1), reduction) * peak * peak
+    return _add_markers(loss + _nonfinite_marker(e), bad_a, bad_b)
 
 
 def _pairs_loss(
@@ -313,7 +316,7 @@ def _pairs_loss(
         pair_w = ops.take(w, a, axis=0) * ops.take(w, b, axis=0)
         # terms whose mean is sum(pair_w * per_pair) / sum(pair_w)
         per_pair = per_pair * _safe_ratio(pair_w * _num_rows(per_pair), ops.sum(pair_w))
-    loss = _scale(_reduce(per_pair * peak * peak, reduction), scale)
+    loss = _scale(_reduce(per_pair, reduction) * peak * peak, scale)
     return _add_markers(loss + _nonfinite_marker(e), bad_a, bad_b)
 
 
@@ -390,7 +393,12 @@ def projected_rkd_loss(
         raise TypeError(
             f"projection must be a (dim, k) matrix (see make_projection), got {projection!r}."
         )
-    p = ops.convert_to_tensor(projection, dtype=keras.backend.standardize_dtype(y_pred.dtype))
+    dtype = keras.backend.standardize_dtype(y_pred.dtype)
+    # A backend tensor is only cast: it may be a constant of a compiled graph.
+    if ops.is_tensor(projection):
+        p = _cast(projection, dtype)
+    else:
+        p = ops.convert_to_tensor(projection, dtype=dtype)
     dim = y_pred.shape[1]
     p_shape = tuple(p.shape)
     if len(p_shape) != 2 or (dim is not None and p_shape[0] != dim) or p_shape[1] == 0:

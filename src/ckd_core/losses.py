@@ -8,6 +8,8 @@ the result keeps the input dtype unless ``dtype`` is given.
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -15,9 +17,17 @@ import numpy as np
 from keras import ops
 
 from ckd_core import functional
-from ckd_core._checks import AllGather, _as_tensor, check_int, check_number
-from ckd_core.comparative import _PROJECTIONS
-from ckd_core.relational import rkd_loss
+from ckd_core._checks import (
+    MEAN,
+    AllGather,
+    Tensor,
+    _as_tensor,
+    check_int,
+    check_number,
+    check_reduction,
+    register_serializable,
+)
+from ckd_core.comparative import check_projection_kind
 
 _TENSORFLOW = keras.backend.backend() == "tensorflow"
 
@@ -40,8 +50,25 @@ def _scale_for_replicas(value: Any) -> Any:
 
 __all__ = ["ComparativeLoss", "DISTLoss", "KDLoss", "ProjectedRKDLoss", "RKDLoss"]
 
-Tensor = Any
-_register = keras.saving.register_keras_serializable(package="ckd_core")
+_COLLECTIVES = ("all_reduce", "all_gather")
+
+
+def _rebuild(cls: type, config: dict[str, Any], collectives: dict[str, Any]) -> Any:
+    """A loss from its config and the collectives that ``get_config`` leaves out."""
+    return cls(**config, **collectives)
+
+
+def _constant_while_tracing(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run by ``torch.compile`` while tracing, its result a graph constant.
+
+    For values drawn with NumPy (no NumPy call in the compiled graph, no
+    graph break); other backends trace or call ``fn`` as usual.
+    """
+    if keras.backend.backend() != "torch":
+        return fn
+    import torch
+
+    return torch.compiler.assume_constant_result(fn)
 
 
 class _BatchLoss(keras.losses.Loss):
@@ -53,9 +80,47 @@ class _BatchLoss(keras.losses.Loss):
     replicas' gradients, and ``model.fit`` reports the unscaled value.
     """
 
-    def __init__(self, name: str | None = None, dtype: Any = None) -> None:
+    def __init__(
+        self, name: str | None = None, dtype: Any = None, reduction: str | None = MEAN
+    ) -> None:
+        check_reduction(reduction, None if self._decomposes else type(self).__name__)
         super().__init__(name=name, reduction="sum", dtype=dtype)
+        self.reduction = reduction
         self._cast_inputs = dtype is not None
+
+    # Whether the loss is a mean of per-sample terms (``reduction`` then has
+    # Keras' meaning; batch-level losses accept only its default).
+    _decomposes = True
+
+    def _collectives(self) -> dict[str, Any]:
+        return {
+            name: getattr(self, name)
+            for name in _COLLECTIVES
+            if getattr(self, name, None) is not None
+        }
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """A copy with the same configuration and the same collectives (not copies)."""
+        return _rebuild(type(self), self.get_config(), self._collectives())
+
+    def __reduce__(self) -> Any:
+        """Pickles the config and the collectives, which must pickle themselves.
+
+        Keras' own ``__reduce__`` would drop ``all_reduce``/``all_gather`` and
+        turn a global-batch loss into a local one; a collective that cannot
+        be pickled (a lambda, a local function) refuses instead.
+        """
+        collectives = self._collectives()
+        for name, fn in collectives.items():
+            try:
+                pickle.dumps(fn)
+            except Exception as err:
+                raise TypeError(
+                    f"cannot pickle {type(self).__name__} with {name}={fn!r}: the function does "
+                    "not pickle (define it at module level, or pickle the loss without it and "
+                    f"pass {name} again after loading)."
+                ) from err
+        return (_rebuild, (type(self), self.get_config(), collectives))
 
     def __call__(
         self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None, **options: Any
@@ -71,13 +136,13 @@ class _BatchLoss(keras.losses.Loss):
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"name": self.name}
+        config: dict[str, Any] = {"name": self.name, "reduction": self.reduction}
         if self._cast_inputs:
             config["dtype"] = self.dtype
         return config
 
 
-@_register
+@register_serializable
 class ComparativeLoss(_BatchLoss):
     """CKD loss over all in-batch pairs; see :func:`ckd_core.functional.comparative_loss`.
 
@@ -98,9 +163,10 @@ class ComparativeLoss(_BatchLoss):
         name: str = "comparative_loss",
         dtype: Any = None,
         *,
+        reduction: str | None = MEAN,
         all_reduce: functional.AllReduce | None = None,
     ) -> None:
-        super().__init__(name=name, dtype=dtype)
+        super().__init__(name=name, dtype=dtype, reduction=reduction)
         self.all_reduce = all_reduce
 
     def __call__(  # type: ignore[override]
@@ -127,13 +193,21 @@ class ComparativeLoss(_BatchLoss):
         groups: Any = None,
     ) -> Tensor:
         return functional.comparative_loss(
-            y_true, y_pred, sample_weight, pairs=pairs, groups=groups, all_reduce=self.all_reduce
+            y_true,
+            y_pred,
+            sample_weight,
+            pairs=pairs,
+            groups=groups,
+            all_reduce=self.all_reduce,
+            reduction=self.reduction,
         )
 
 
-@_register
+@register_serializable
 class RKDLoss(_BatchLoss):
     """Relational KD (Park et al. 2019): ``distance_weight * distance + angle_weight * angle``.
+
+    A batch-level loss: ``reduction`` accepts only ``"sum_over_batch_size"``.
 
     See :func:`ckd_core.functional.rkd_distance_loss` and
     :func:`ckd_core.functional.rkd_angle_loss`. Both weights are finite and
@@ -146,6 +220,8 @@ class RKDLoss(_BatchLoss):
     ``get_config`` (pass it again after loading).
     """
 
+    _decomposes = False
+
     def __init__(
         self,
         distance_weight: float = 25.0,
@@ -153,16 +229,17 @@ class RKDLoss(_BatchLoss):
         name: str = "rkd_loss",
         dtype: Any = None,
         *,
+        reduction: str | None = MEAN,
         all_gather: AllGather | None = None,
     ) -> None:
-        super().__init__(name=name, dtype=dtype)
+        super().__init__(name=name, dtype=dtype, reduction=reduction)
         self.distance_weight = check_number(distance_weight, "distance_weight")
         self.angle_weight = check_number(angle_weight, "angle_weight")
         self.all_gather = all_gather
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         _reject_sample_weight(self, sample_weight)
-        return rkd_loss(
+        return functional.rkd_loss(
             y_true,
             y_pred,
             distance_weight=self.distance_weight,
@@ -178,7 +255,7 @@ class RKDLoss(_BatchLoss):
         }
 
 
-@_register
+@register_serializable
 class ProjectedRKDLoss(_BatchLoss):
     """RKD_d: CKD after a fixed projection to ``out_dim`` dimensions.
 
@@ -197,15 +274,13 @@ class ProjectedRKDLoss(_BatchLoss):
         name: str = "projected_rkd_loss",
         dtype: Any = None,
         *,
+        reduction: str | None = MEAN,
         all_reduce: functional.AllReduce | None = None,
     ) -> None:
-        super().__init__(name=name, dtype=dtype)
+        super().__init__(name=name, dtype=dtype, reduction=reduction)
         self.all_reduce = all_reduce
         self.out_dim = None if out_dim is None else check_int(out_dim, "out_dim", minimum=1)
-        if projection not in _PROJECTIONS:
-            raise ValueError(
-                f"projection must be 'gaussian', 'orthogonal' or 'identity', got {projection!r}."
-            )
+        check_projection_kind(projection)
         if out_dim is None and projection != "identity":
             raise ValueError(
                 f"out_dim=None (keep every dimension) needs projection='identity', got "
@@ -235,9 +310,15 @@ class ProjectedRKDLoss(_BatchLoss):
                 "ProjectedRKDLoss needs a static feature dimension to draw its (dim, out_dim) "
                 f"projection, got y_pred of shape {shape}."
             )
-        dim = int(shape[1])
+        dtype = keras.backend.standardize_dtype(y_pred.dtype)
+        projection = _projection_tensor(self, int(shape[1]), dtype)
         return functional.projected_rkd_loss(
-            y_true, y_pred, self.matrix(dim), sample_weight, all_reduce=self.all_reduce
+            y_true,
+            y_pred,
+            projection,
+            sample_weight,
+            all_reduce=self.all_reduce,
+            reduction=self.reduction,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -249,25 +330,45 @@ class ProjectedRKDLoss(_BatchLoss):
         }
 
 
-@_register
+@_constant_while_tracing
+def _projection_tensor(loss: ProjectedRKDLoss, dim: int, dtype: str) -> Tensor:
+    """``loss.matrix(dim)`` as a backend tensor (drawn with NumPy, outside compiled graphs)."""
+    return ops.convert_to_tensor(loss.matrix(dim), dtype=dtype)
+
+
+@register_serializable
 class KDLoss(_BatchLoss):
     """Hinton KD on logits; see :func:`ckd_core.functional.kd_loss`."""
 
-    def __init__(self, temperature: float = 4.0, name: str = "kd_loss", dtype: Any = None) -> None:
-        super().__init__(name=name, dtype=dtype)
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        name: str = "kd_loss",
+        dtype: Any = None,
+        *,
+        reduction: str | None = MEAN,
+    ) -> None:
+        super().__init__(name=name, dtype=dtype, reduction=reduction)
         # Plain Python numbers: configs then serialize on every backend.
         self.temperature = check_number(temperature, "temperature", positive=True)
 
     def call(self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        return functional.kd_loss(y_true, y_pred, sample_weight, temperature=self.temperature)
+        return functional.kd_loss(
+            y_true, y_pred, sample_weight, temperature=self.temperature, reduction=self.reduction
+        )
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "temperature": self.temperature}
 
 
-@_register
+@register_serializable
 class DISTLoss(_BatchLoss):
-    """DIST (Huang et al. 2022); see :func:`ckd_core.functional.dist_loss`."""
+    """DIST (Huang et al. 2022); see :func:`ckd_core.functional.dist_loss`.
+
+    A batch-level loss: ``reduction`` accepts only ``"sum_over_batch_size"``.
+    """
+
+    _decomposes = False
 
     def __init__(
         self,
@@ -276,8 +377,10 @@ class DISTLoss(_BatchLoss):
         tau: float = 4.0,
         name: str = "dist_loss",
         dtype: Any = None,
+        *,
+        reduction: str | None = MEAN,
     ) -> None:
-        super().__init__(name=name, dtype=dtype)
+        super().__init__(name=name, dtype=dtype, reduction=reduction)
         self.beta = check_number(beta, "beta")
         self.gamma = check_number(gamma, "gamma")
         self.tau = check_number(tau, "tau", positive=True)
