@@ -119,11 +119,6 @@ def test_import_error_when_keras_runs_another_backend():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs ckd_core.losses._BatchLoss.__reduce__ (Keras' own reduce rebuilds from the "
-    "config, which drops the hook); remove this marker when it lands",
-)
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_of_global_batch_losses_keep_their_replica_hook(how):
     import copy
