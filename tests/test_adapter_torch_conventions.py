@@ -9,7 +9,16 @@ import pickle
 import numpy as np
 import oracle
 import pytest
-from helpers import BACKEND, assert_close, make_batch
+from helpers import (
+    BACKEND,
+    DECOMPOSING_LOSSES,
+    LOSS_NAMES,
+    LOSSES,
+    PAIRWISE_LOSSES,
+    WEIGHTED_LOSSES,
+    assert_close,
+    make_batch,
+)
 
 pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="ckd_torch needs the torch backend")
 
@@ -19,20 +28,8 @@ if BACKEND == "torch":
     import torch
     import torch.distributed
 
-GLOBAL_LOSSES = {
-    "ComparativeLoss": lambda: ckd_torch.ComparativeLoss(global_batch=True),
-    "ProjectedRKDLoss": lambda: ckd_torch.ProjectedRKDLoss(out_dim=3, global_batch=True),
-    "RKDLoss": lambda: ckd_torch.RKDLoss(global_batch=True),
-}
-ALL_LOSSES = {
-    "ComparativeLoss": lambda **kw: ckd_torch.ComparativeLoss(**kw),
-    "ProjectedRKDLoss": lambda **kw: ckd_torch.ProjectedRKDLoss(out_dim=3, **kw),
-    "RKDLoss": lambda **kw: ckd_torch.RKDLoss(**kw),
-    "KDLoss": lambda **kw: ckd_torch.KDLoss(temperature=2.0, **kw),
-    "DISTLoss": lambda **kw: ckd_torch.DISTLoss(**kw),
-}
-PER_SAMPLE = ["ComparativeLoss", "ProjectedRKDLoss", "KDLoss"]
-BATCH_LEVEL = ["RKDLoss", "DISTLoss"]
+GLOBAL_BATCH_LOSSES = PAIRWISE_LOSSES  # the all-pairs and relational losses
+BATCH_LEVEL_LOSSES = [name for name in LOSS_NAMES if name not in DECOMPOSING_LOSSES]
 
 
 def _pair(n: int = 8, d: int = 5, seed: int = 0, dtype=None):
@@ -42,15 +39,16 @@ def _pair(n: int = 8, d: int = 5, seed: int = 0, dtype=None):
 
 
 @pytest.fixture
-def two_identical_ranks(monkeypatch):
-    """A stand-in for two ranks holding the same shard: collectives double or repeat it."""
+def two_ranks(monkeypatch):
+    """A stand-in for two ranks: all-reduce doubles (an identical shard); all-gather adds
+    the shard with its features reversed (another shard, so every RKD term changes)."""
 
     def all_reduce(tensor, op=None, group=None):
         tensor.mul_(2)
 
     def all_gather(outputs, tensor, group=None):
-        for out in outputs:
-            out.copy_(tensor)
+        outputs[0].copy_(tensor)
+        outputs[1].copy_(tensor.flip(-1) if tensor.ndim > 1 else tensor)
 
     monkeypatch.setattr(torch_distributed, "is_distributed", lambda group=None: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
@@ -74,11 +72,11 @@ COPIES = {
 
 
 @pytest.mark.parametrize("how", list(COPIES))
-@pytest.mark.parametrize("name", list(GLOBAL_LOSSES))
-def test_copies_of_global_batch_losses_stay_global(name, how, two_identical_ranks):
+@pytest.mark.parametrize("name", GLOBAL_BATCH_LOSSES)
+def test_copies_of_global_batch_losses_stay_global(name, how, two_ranks):
     student, teacher = _pair()
-    module = GLOBAL_LOSSES[name]()
-    local = ALL_LOSSES[name]()(student, teacher)
+    module = LOSSES[name].make_torch(global_batch=True)
+    local = LOSSES[name].make_torch()(student, teacher)
     global_loss = module(student, teacher)
     assert abs(float(global_loss) - float(local)) > 1e-6 * abs(float(local))  # the test can fail
     clone = COPIES[how](module)
@@ -95,31 +93,31 @@ def test_process_group_module_deep_copies_sharing_the_group_and_refuses_pickle()
         pickle.dumps(module)
 
 
-@pytest.mark.parametrize("name", list(ALL_LOSSES))
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_error_messages_name_student_and_teacher(name):
     student, teacher = torch.randn(6), torch.randn(6)  # rank 1: no feature axis
     with pytest.raises(ValueError) as info:
-        ALL_LOSSES[name]()(student, teacher)
+        LOSSES[name].make_torch()(student, teacher)
     message = str(info.value)
     assert "student" in message and "teacher" in message
     assert "y_true" not in message and "y_pred" not in message
 
 
-@pytest.mark.parametrize("name", ["ComparativeLoss", "ProjectedRKDLoss", "RKDLoss"])
+@pytest.mark.parametrize("name", PAIRWISE_LOSSES)
 def test_features_of_any_rank_are_flattened(name):
     torch.manual_seed(0)
     student, teacher = torch.randn(6, 2, 3, 4, dtype=torch.float64), torch.randn(6, 24).double()
-    module = ALL_LOSSES[name]()
+    module = LOSSES[name].make_torch()
     flat = module(student.reshape(6, -1), teacher)
     torch.testing.assert_close(module(student, teacher.reshape(6, 4, 6)), flat)
 
 
-@pytest.mark.parametrize("name", list(ALL_LOSSES))
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_autocast_computes_and_returns_float32(name):
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 5)
     student_in, teacher = _pair(dtype=torch.float32)
-    module = ALL_LOSSES[name]()
+    module = LOSSES[name].make_torch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         student = layer(student_in)
         assert student.dtype == torch.bfloat16
@@ -131,61 +129,55 @@ def test_autocast_computes_and_returns_float32(name):
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
-@pytest.mark.parametrize("name", list(ALL_LOSSES))
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_teacher_never_gets_a_gradient(name):
     student, teacher = _pair()
     student.requires_grad_(True)
     teacher.requires_grad_(True)
-    ALL_LOSSES[name]()(student, teacher).backward()
+    LOSSES[name].make_torch()(student, teacher).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
 
 
-@pytest.mark.parametrize("name", PER_SAMPLE)
+@pytest.mark.parametrize("name", DECOMPOSING_LOSSES)
 def test_reduction_sum_and_none_follow_torch(name):
     student, teacher = _pair()
-    mean = ALL_LOSSES[name]()(student, teacher)
-    terms = ALL_LOSSES[name](reduction="none")(student, teacher)
+    mean = LOSSES[name].make_torch()(student, teacher)
+    terms = LOSSES[name].make_torch(reduction="none")(student, teacher)
     assert terms.shape == (8,)
     torch.testing.assert_close(terms.mean(), mean)
-    torch.testing.assert_close(ALL_LOSSES[name](reduction="sum")(student, teacher), terms.sum())
+    summed = LOSSES[name].make_torch(reduction="sum")(student, teacher)
+    torch.testing.assert_close(summed, terms.sum())
+    with pytest.raises(ValueError, match="'mean', 'sum' or 'none'"):
+        LOSSES[name].make_torch(reduction="batchmean")
 
 
-@pytest.mark.parametrize("name", BATCH_LEVEL)
+@pytest.mark.parametrize("name", BATCH_LEVEL_LOSSES)
 def test_batch_level_losses_refuse_per_sample_reductions(name):
     for reduction in ("sum", "none"):
         with pytest.raises(ValueError, match="batch-level"):
-            ALL_LOSSES[name](reduction=reduction)
-    with pytest.raises(ValueError, match="'mean', 'sum' or 'none'"):
-        ALL_LOSSES["KDLoss"](reduction="batchmean")
+            LOSSES[name].make_torch(reduction=reduction)
 
 
 def _compile_cases():
+    """Every loss plain, CKD with pairs and groups, and every weighted loss with weights."""
     student, teacher = _pair(n=10, d=6, seed=3, dtype=torch.float32)
     a, b = torch.tensor([0, 1, 2, 3, 9]), torch.tensor([5, 6, 2, 8, 1])
     ga, gb = torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.tensor([[9, 8], [7, 6], [1, 0]])
     w = torch.linspace(0.5, 2.0, 10)
-    return (
-        student,
-        teacher,
-        {
-            "ComparativeLoss-all": (ALL_LOSSES["ComparativeLoss"](), {}),
-            "ComparativeLoss-pairs": (ALL_LOSSES["ComparativeLoss"](), {"pairs": (a, b)}),
-            "ComparativeLoss-groups": (ALL_LOSSES["ComparativeLoss"](), {"groups": (ga, gb)}),
-            "ComparativeLoss-weights": (ALL_LOSSES["ComparativeLoss"](), {"sample_weight": w}),
-            "ProjectedRKDLoss-weights": (ALL_LOSSES["ProjectedRKDLoss"](), {"sample_weight": w}),
-            "RKDLoss": (ALL_LOSSES["RKDLoss"](), {}),
-            "KDLoss-weights": (ALL_LOSSES["KDLoss"](), {"sample_weight": w}),
-            "DISTLoss": (ALL_LOSSES["DISTLoss"](), {}),
-        },
-    )
+    cases = {name: (name, {}) for name in LOSS_NAMES}
+    cases["comparative-pairs"] = ("comparative", {"pairs": (a, b)})
+    cases["comparative-groups"] = ("comparative", {"groups": (ga, gb)})
+    cases.update({f"{name}-weights": (name, {"sample_weight": w}) for name in WEIGHTED_LOSSES})
+    return student, teacher, cases
 
 
 @pytest.mark.parametrize("case", list(_compile_cases()[2]))
 def test_torch_compile_fullgraph_equals_eager(case):
     """Dynamo captures each loss in one graph (``fullgraph=True``), with equal value and grad."""
     student, teacher, cases = _compile_cases()
-    module, kwargs = cases[case]
+    name, kwargs = cases[case]
+    module = LOSSES[name].make_torch()
     torch._dynamo.reset()
     compiled = torch.compile(module, backend="eager", fullgraph=True)
     s_compiled = student.clone().requires_grad_(True)
