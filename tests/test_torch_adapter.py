@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import oracle
 import pytest
-from helpers import BACKEND, assert_close, make_batch
+from helpers import BACKEND, LOSSES, assert_close, make_batch
 
 pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="ckd_torch needs the torch backend")
 
@@ -29,21 +29,8 @@ def _pair(n: int = 8, d: int = 5, seed: int = 0, dtype=None):
     )
 
 
-MODULES = {
-    "ComparativeLoss": (lambda: ckd_torch.ComparativeLoss(), lambda t, s: oracle.comparative(t, s)),
-    "RKDLoss": (
-        lambda: ckd_torch.RKDLoss(),
-        lambda t, s: 25 * oracle.rkd_distance(t, s) + 50 * oracle.rkd_angle(t, s),
-    ),
-    "ProjectedRKDLoss": (
-        lambda: ckd_torch.ProjectedRKDLoss(out_dim=3, seed=2),
-        lambda t, s: oracle.projected(
-            t, s, __import__("ckd_core").functional.make_projection(t.shape[1], 3, "gaussian", 2)
-        ),
-    ),
-    "KDLoss": (lambda: ckd_torch.KDLoss(temperature=2.0), lambda t, s: oracle.kd(t, s, 2.0)),
-    "DISTLoss": (lambda: ckd_torch.DISTLoss(), lambda t, s: oracle.dist(t, s)),
-}
+# (module factory, float64 oracle) of every loss of the one loss table.
+MODULES = {name: (case.make_torch, case.oracle) for name, case in LOSSES.items()}
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -59,7 +46,9 @@ def test_module_forward_backward(name):
     loss.backward()
     assert student.grad is not None and torch.isfinite(student.grad).all()
     assert student.grad.abs().sum() > 0
-    assert name in repr(module)
+    assert LOSSES[name].class_name in repr(module) and "sum_over_batch_size" not in repr(module)
+    if LOSSES[name].decomposes:  # torch's reduction names in the repr
+        assert "reduction='sum'" in repr(make(reduction="sum"))
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -212,7 +201,7 @@ def test_import_error_when_keras_runs_another_backend():
     assert "ERR" in out.stdout and "numpy" in out.stdout and "KERAS_BACKEND=torch" in out.stdout
 
 
-@pytest.mark.parametrize("name", ["ComparativeLoss", "KDLoss", "DISTLoss", "ProjectedRKDLoss"])
+@pytest.mark.parametrize("name", ["comparative", "kd", "dist", "projected"])
 def test_vmap_grad_composability(name):
     """The reference experiments stack runs with ``torch.func.vmap(grad(...))``."""
     from torch.func import grad, vmap

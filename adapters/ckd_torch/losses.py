@@ -206,7 +206,8 @@ class _CoreLoss(torch.nn.Module):
         return self._run(student, teacher, sample_weight=sample_weight)
 
     def extra_repr(self) -> str:
-        items = [f"{k}={v!r}" for k, v in self.core.get_config().items() if k != "name"]
+        config = self.core.get_config()
+        items = [f"{k}={v!r}" for k, v in config.items() if k not in ("name", "reduction")]
         if self.reduction != "mean":
             items.append(f"reduction={self.reduction!r}")
         if self.global_batch:
