@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import oracle
 import pytest
-from helpers import BACKEND, assert_close, make_batch
+from helpers import BACKEND, LOSS_NAMES, LOSSES, assert_close, make_batch
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="ckd_tensorflow needs the tensorflow backend"
@@ -20,28 +20,9 @@ if BACKEND == "tensorflow":
     import tensorflow as tf
 
 
-def _losses():
-    return {
-        "ComparativeLoss": (ckd_tensorflow.ComparativeLoss(), oracle.comparative),
-        "RKDLoss": (
-            ckd_tensorflow.RKDLoss(),
-            lambda t, s: 25 * oracle.rkd_distance(t, s) + 50 * oracle.rkd_angle(t, s),
-        ),
-        "ProjectedRKDLoss": (
-            ckd_tensorflow.ProjectedRKDLoss(out_dim=None, projection="identity"),
-            oracle.comparative,
-        ),
-        "KDLoss": (ckd_tensorflow.KDLoss(), oracle.kd),
-        "DISTLoss": (ckd_tensorflow.DISTLoss(), oracle.dist),
-    }
-
-
-NAMES = ["ComparativeLoss", "RKDLoss", "ProjectedRKDLoss", "KDLoss", "DISTLoss"]
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_tf_function_and_gradient_tape(name):
-    loss, reference = _losses()[name]
+    loss, reference = LOSSES[name].make_tensorflow(), LOSSES[name].oracle
     batch = make_batch(8, 5, "float64", seed=1)
     teacher = tf.constant(batch.teacher)
     student = tf.Variable(batch.student)
