@@ -28,9 +28,10 @@ Usage::
     python benchmarks/losses.py --quick            # small grid (CI, ``nox -s bench``)
     python benchmarks/losses.py --full             # the grid of the README table
     python benchmarks/losses.py --full --only rkd  # one loss family
+    python benchmarks/losses.py --adapter          # adapter vs peers at training sizes
 
 Writes ``benchmarks/results/<name>.json`` and ``<name>.md`` (``--name``,
-default ``cpu-quick`` / ``cpu-full``).
+default ``cpu-quick`` / ``cpu-full`` / ``cpu-adapter``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from harness import MARK, ROOT, Case, git_commit, load, machine, run_child, vers
 from readme import readme_section
 from report import fmt_time, markdown
 from runners import run_keras_case, run_torch_case
-from targets import targets
+from targets import ADAPTER_DS, ADAPTER_NS, targets
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -69,8 +70,31 @@ def _cases(
     ]
 
 
+def _merged(cases: list[Case]) -> list[Case]:
+    """One case per (backend, loss, n, d, dtype), first-seen order, implementations joined."""
+    out: dict[tuple[Any, ...], Case] = {}
+    for case in cases:
+        key = (case["backend"], case["loss"], case["n"], case["d"], case["dtype"])
+        if key in out:
+            out[key]["impls"] += [i for i in case["impls"] if i not in out[key]["impls"]]
+        else:
+            out[key] = {**case, "impls": list(case["impls"])}
+    return list(out.values())
+
+
+def adapter_grid() -> list[Case]:
+    """Targets 5a/5b: the torch adapter against its peers at training sizes."""
+    ns, ds, f32 = list(ADAPTER_NS), list(ADAPTER_DS), ["float32"]
+    return [
+        *_cases("comparative", ns, ds, f32, ["ckd", "native"]),
+        *_cases("rkd", ns, ds, f32, ["ckd", "repdistiller"]),
+    ]
+
+
 def grid(name: str) -> list[Case]:
-    """Cases of the ``quick`` (CI) and ``full`` grids."""
+    """Cases of the ``quick`` (CI), ``full`` and ``adapter`` (targets 5a/5b) grids."""
+    if name == "adapter":
+        return adapter_grid()
     f32, bf16 = ["float32"], ["bfloat16"]
     pairwise = ["ckd", "native", "naive"]
     projected = ["ckd", "native", "naive", "comparative"]
@@ -87,32 +111,35 @@ def grid(name: str) -> list[Case]:
             *_cases("comparative", [1024], [100], f32, ["keras"], backend="tensorflow"),
         ]
     if name == "full":
-        # Sized for a shared 2-core CPU (about 40 minutes); the performance
+        # Sized for a shared 2-core CPU (about 45 minutes); the performance
         # target cases come first. bfloat16 computes in float32 inside the losses.
-        return [
-            *_cases("comparative", [64, 4096], [100], f32, pairwise),
-            *_cases("projected", [4096], [640], f32, projected),
-            *_cases("rkd", [256], [640], f32, rkd),
-            *_cases("rkd", [1024], [640], f32, rkd),
-            *_cases("comparative", [64, 4096], [10], f32, pairwise),
-            *_cases("comparative", [256, 1024, 16384], [100], f32, pairwise),
-            *_cases("comparative", [1024, 16384], [640], f32, pairwise),
-            *_cases("comparative", [64, 4096], [100], bf16, pairwise),
-            *_cases("projected", [256, 1024], [640], f32, projected),
-            *_cases("rkd", [64, 256], [100], f32, rkd),
-            *_cases("rkd", [64], [640], f32, rkd),
-            *_cases("rkd", [4096], [640], f32, rkd),
-            *_cases("kd", [16384], [640], f32, ["ckd", "native"]),
-            *_cases("dist", [16384], [640], f32, ["ckd", "native"]),
-            *[
-                c
-                for b in ("jax", "tensorflow")
-                for c in (
-                    _cases("comparative", [4096], [100], f32, ["keras"], backend=b)
-                    + _cases("rkd", [256], [640], f32, ["keras"], backend=b)
-                )
-            ],
-        ]
+        return _merged(
+            [
+                *_cases("comparative", [64, 4096], [100], f32, pairwise),
+                *_cases("projected", [4096], [640], f32, projected),
+                *_cases("rkd", [256], [640], f32, rkd),
+                *_cases("rkd", [1024], [640], f32, rkd),
+                *_cases("comparative", [64, 4096], [10], f32, pairwise),
+                *_cases("comparative", [256, 1024, 16384], [100], f32, pairwise),
+                *_cases("comparative", [1024, 16384], [640], f32, pairwise),
+                *_cases("comparative", [64, 4096], [100], bf16, pairwise),
+                *_cases("projected", [256, 1024], [640], f32, projected),
+                *_cases("rkd", [64, 256], [100], f32, rkd),
+                *_cases("rkd", [64], [640], f32, rkd),
+                *_cases("rkd", [4096], [640], f32, rkd),
+                *_cases("kd", [16384], [640], f32, ["ckd", "native"]),
+                *_cases("dist", [16384], [640], f32, ["ckd", "native"]),
+                *[
+                    c
+                    for b in ("jax", "tensorflow")
+                    for c in (
+                        _cases("comparative", [4096], [100], f32, ["keras"], backend=b)
+                        + _cases("rkd", [256], [640], f32, ["keras"], backend=b)
+                    )
+                ],
+                *adapter_grid(),
+            ]
+        )
     raise ValueError(name)
 
 
@@ -122,6 +149,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small grid (default)")
     g.add_argument("--full", action="store_true", help="full grid")
+    g.add_argument(
+        "--adapter", action="store_true", help="adapter grid (targets 5a/5b; also in --full)"
+    )
     p.add_argument("--only", default="", help="comma-separated loss families to run")
     p.add_argument("--backends", default="torch,jax,tensorflow")
     p.add_argument("--device", default="cpu", help="torch device for the torch cases")
@@ -169,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         run = run_torch_case if case["backend"] == "torch" else run_keras_case
         print(MARK + json.dumps(run(case, args)), flush=True)
         return 0
-    name = "full" if args.full else "quick"
+    name = "full" if args.full else "adapter" if args.adapter else "quick"
     only = {x for x in args.only.split(",") if x}
     backends = set(args.backends.split(","))
     cases = [c for c in grid(name) if (not only or c["loss"] in only) and c["backend"] in backends]

@@ -175,6 +175,18 @@ def keras_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _added_cases(meta: dict[str, Any]) -> list[str]:
+    """A paragraph on the adapter cases added to this run from another one, if any."""
+    added = meta.get("adapter_cases")
+    if not added:
+        return []
+    return [
+        f"Adapter cases (targets 5a/5b) added from `{added['command']}` at commit "
+        f"{added['commit']}, {added['date']}: {added['note']}.",
+        "",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The ``<name>.md`` of a run: machine, targets, one table per loss, skipped cases."""
     rows = report["results"]
@@ -190,6 +202,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
+        *_added_cases(meta),
         "Forward + backward per call, median over interleaved rounds after warm-up; peak = "
         "RSS high-water mark of one call minus the baseline (fresh process per case). "
         "`naive` above the memory budget runs in row chunks; its peak (*) is then the "

@@ -48,41 +48,48 @@ def skip_reason(case: Case, impl: str, args: argparse.Namespace) -> str | None:
     return None
 
 
-def run_torch_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The torch adapter and the torch references on one case."""
-    import ckd_torch
-    import torch
+class TorchCase:
+    """The tensors of one torch case and a step (forward + backward) per implementation."""
 
-    from ckd_core.functional import make_projection
+    def __init__(self, case: Case, args: argparse.Namespace) -> None:
+        import torch
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = getattr(torch, case["dtype"])
-    n, d, loss = case["n"], case["d"], case["loss"]
-    refs = torch_references(torch)
-    gen = torch.Generator().manual_seed(0)
-    teacher = torch.randn(n, d, generator=gen).to(device, dtype)
-    student = (teacher + 0.5 * torch.randn(n, d, generator=gen).to(device, dtype)).detach()
-    student.requires_grad_(True)
-    proj = torch.as_tensor(make_projection(d, PROJ_OUT), dtype=torch.float32, device=device)
-    proj_dtype = proj.to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    budget = args.mem_budget_gb * 2**30
+        from ckd_core.functional import make_projection
 
-    def naive_backward(rows: int) -> float:
+        torch.set_num_threads(args.threads)
+        self.case, self.args, self.torch = case, args, torch
+        self.device = torch.device(args.device)
+        dtype = getattr(torch, case["dtype"])
+        n, d = case["n"], case["d"]
+        self.refs = torch_references(torch)
+        gen = torch.Generator().manual_seed(0)
+        self.teacher = torch.randn(n, d, generator=gen).to(self.device, dtype)
+        noise = 0.5 * torch.randn(n, d, generator=gen).to(self.device, dtype)
+        self.student = (self.teacher + noise).detach().requires_grad_(True)
+        projection = make_projection(d, PROJ_OUT)
+        self.proj = torch.as_tensor(projection, dtype=torch.float32, device=self.device)
+        self.proj_dtype = self.proj.to(dtype)
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    def naive_backward(self, rows: int) -> float:
         """The naive loss in chunks of ``rows`` rows, gradients accumulated in student.grad."""
         total = 0.0
-        p = proj_dtype if loss == "projected" else None
+        loss, n = self.case["loss"], self.case["n"]
+        p = self.proj.to(self.student.dtype) if loss == "projected" else None
         for start in range(0, n, rows):
-            part = refs["naive_part"](student, teacher, slice(start, start + rows), p)
+            part = self.refs["naive_part"](
+                self.student, self.teacher, slice(start, start + rows), p
+            )
             part.backward()
             total += float(part.detach())
         return total
 
-    def make(impl: str) -> tuple[Callable[[], Any], Callable[[], Any] | None, dict[str, Any]]:
-        """``(step, forward, info)``: one forward + backward, the forward alone."""
-        info: dict[str, Any] = {}
-        if impl == "ckd" or impl == "comparative":
+    def forward(self, impl: str) -> Callable[[], Any]:
+        """One forward call of ``impl`` (not the naive form) on the case's tensors."""
+        import ckd_torch
+
+        loss, s, t = self.case["loss"], self.student, self.teacher
+        if impl in ("ckd", "comparative"):
             modules: dict[str, Callable[[], Any]] = {
                 "comparative": ckd_torch.ComparativeLoss,
                 "projected": lambda: ckd_torch.ProjectedRKDLoss(out_dim=PROJ_OUT),
@@ -91,103 +98,104 @@ def run_torch_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]
                 "dist": ckd_torch.DISTLoss,
             }
             module = modules["comparative" if impl == "comparative" else loss]()
+            return lambda: module(s, t)
+        if impl == "native":
+            fn = self.refs[f"{loss}_native"]
+            return (lambda: fn(s, t, self.proj)) if loss == "projected" else (lambda: fn(s, t))
+        if impl == "repdistiller":
+            return lambda: self.refs["repdistiller"](s, t)
+        raise ValueError(impl)
 
-            def forward() -> Any:
-                return module(student, teacher)
-
-        elif impl == "native":
-            fn = refs[f"{loss}_native"]
-
-            def forward() -> Any:
-                if loss == "projected":
-                    return fn(student, teacher, proj)
-                return fn(student, teacher)
-
-        elif impl == "repdistiller":
-
-            def forward() -> Any:
-                return refs["repdistiller"](student, teacher)
-
-        elif impl == "naive":
+    def make(self, impl: str) -> tuple[Callable[[], Any], Callable[[], Any] | None, dict[str, Any]]:
+        """``(step, forward, info)``: one forward + backward, the forward alone."""
+        if impl == "naive":
+            case = self.case
+            n, d = case["n"], case["d"]
             # elements per row of the chunk: one row of each (n, n, d) tensor
             row_bytes = NAIVE_TENSORS * n * d * BYTES[case["dtype"]]
-            if naive_bytes(n, d, case["dtype"]) <= budget / 2:
+            if naive_bytes(n, d, case["dtype"]) <= self.args.mem_budget_gb * 2**30 / 2:
                 rows = n
             else:
-                rows = max(1, int(args.chunk_mb * 2**20 // row_bytes))
-            info.update(
-                chunked=rows < n,
-                chunk_rows=rows,
-                analytic_unchunked_peak_bytes=naive_bytes(n, d, case["dtype"]),
-            )
+                rows = max(1, int(self.args.chunk_mb * 2**20 // row_bytes))
+            info = {
+                "chunked": rows < n,
+                "chunk_rows": rows,
+                "analytic_unchunked_peak_bytes": naive_bytes(n, d, case["dtype"]),
+            }
 
             def naive_step() -> float:
-                total = naive_backward(rows)
-                student.grad = None
+                total = self.naive_backward(rows)
+                self.student.grad = None
                 return total
 
             return naive_step, None, info
-        else:
-            raise ValueError(impl)
+        forward = self.forward(impl)
 
         def step() -> Any:
             out = forward()
             out.backward()
-            student.grad = None
+            self.student.grad = None
             return out
 
-        return step, forward, info
+        return step, forward, {}
 
+    def first_call(self, forward: Callable[[], Any] | None, info: dict[str, Any]) -> float:
+        """Value of the first call (also the warm-up); its gradient stays in student.grad."""
+        if forward is None:  # naive: chunks accumulate into student.grad
+            return self.naive_backward(info["chunk_rows"])
+        out = forward()
+        out.backward()
+        return float(out.detach().float())
+
+
+def _memory_row(tc: TorchCase, row: dict[str, Any], step: Any, forward: Any) -> None:
+    """Peak memory of one call: a fast call after one warm-up call, a slow one on its first."""
+    info, args = row, tc.args
+    t0 = time.perf_counter()
+    if forward is not None and tc.case["n"] <= 4096:
+        forward()  # probe the cost without backward
+    if time.perf_counter() - t0 < args.slow_s / 4 and not info.get("chunked"):
+        step()
+        tc.sync()
+    row["peak_bytes"], row["peak_method"] = Memory(args.device, tc.torch).peak(step)
+    if info.get("chunked"):
+        row["peak_method"] += "_chunked"
+
+
+def run_torch_case(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The torch adapter and the torch references on one case."""
+    tc = TorchCase(case, args)
     results: list[dict[str, Any]] = []
     steps: dict[str, Callable[[], Any]] = {}
     first_s: dict[str, float] = {}
     values: dict[str, float] = {}
     grads: dict[str, Any] = {}
-    memory = Memory(args.device, torch)
     for impl in case["impls"]:
         row = case_row(case, impl)
+        results.append(row)
         reason = skip_reason(case, impl, args)
         if reason:
             row.update(skipped=True, reason=reason)
-            results.append(row)
             continue
-        step, forward, info = make(impl)
+        step, forward, info = tc.make(impl)
         row.update(info)
         if args.mode == "memory":
-            # a fast call is measured after one warm-up call; a slow one on its
-            # first call (conservative: includes one-time initialisation)
-            t0 = time.perf_counter()
-            if forward is not None and n <= 4096:
-                forward()  # probe the cost without backward
-            if time.perf_counter() - t0 < args.slow_s / 4 and not info.get("chunked"):
-                step()
-                sync()
-            row["peak_bytes"], row["peak_method"] = memory.peak(step)
-            if info.get("chunked"):
-                row["peak_method"] += "_chunked"
-            results.append(row)
+            _memory_row(tc, row, step, forward)
             continue
-        # value and gradient (first call, also the warm-up)
         t0 = time.perf_counter()
-        if forward is None:  # naive: chunks accumulate into student.grad
-            values[impl] = naive_backward(info["chunk_rows"])
-        else:
-            out = forward()
-            out.backward()
-            values[impl] = float(out.detach().float())
-        assert student.grad is not None  # set by the backward above
-        grads[impl] = student.grad.detach().float().clone()
-        student.grad = None
-        sync()
+        values[impl] = tc.first_call(forward, info)
+        assert tc.student.grad is not None  # set by the backward above
+        grads[impl] = tc.student.grad.detach().float().clone()
+        tc.student.grad = None
+        tc.sync()
         first_s[impl] = time.perf_counter() - t0
         for _ in range(args.warmup if first_s[impl] < args.slow_s else 0):
             step()
-        sync()
+        tc.sync()
         steps[impl] = step
-        results.append(row)
     if args.mode == "memory":
         return results
-    samples = time_impls(steps, sync, first_s, args)
+    samples = time_impls(steps, tc.sync, first_s, args)
     ref = next((r for r in ("native", "repdistiller", "naive") if r in values), None)
     for row in results:
         impl = row["impl"]

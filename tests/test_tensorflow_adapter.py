@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import oracle
 import pytest
-from helpers import BACKEND, assert_close, make_batch
+from helpers import BACKEND, LOSS_NAMES, LOSSES, assert_close, make_batch
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="ckd_tensorflow needs the tensorflow backend"
@@ -20,28 +20,9 @@ if BACKEND == "tensorflow":
     import tensorflow as tf
 
 
-def _losses():
-    return {
-        "ComparativeLoss": (ckd_tensorflow.ComparativeLoss(), oracle.comparative),
-        "RKDLoss": (
-            ckd_tensorflow.RKDLoss(),
-            lambda t, s: 25 * oracle.rkd_distance(t, s) + 50 * oracle.rkd_angle(t, s),
-        ),
-        "ProjectedRKDLoss": (
-            ckd_tensorflow.ProjectedRKDLoss(out_dim=None, projection="identity"),
-            oracle.comparative,
-        ),
-        "KDLoss": (ckd_tensorflow.KDLoss(), oracle.kd),
-        "DISTLoss": (ckd_tensorflow.DISTLoss(), oracle.dist),
-    }
-
-
-NAMES = ["ComparativeLoss", "RKDLoss", "ProjectedRKDLoss", "KDLoss", "DISTLoss"]
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_tf_function_and_gradient_tape(name):
-    loss, reference = _losses()[name]
+    loss, reference = LOSSES[name].make_tensorflow(), LOSSES[name].oracle
     batch = make_batch(8, 5, "float64", seed=1)
     teacher = tf.constant(batch.teacher)
     student = tf.Variable(batch.student)
@@ -117,3 +98,20 @@ def test_import_error_when_keras_runs_another_backend():
     assert (
         "ERR" in out.stdout and "numpy" in out.stdout and "KERAS_BACKEND=tensorflow" in out.stdout
     )
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_global_batch_losses_keep_their_replica_hook(how):
+    import copy
+    import pickle
+
+    copies = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m))}
+    hooked = [
+        (ckd_tensorflow.ComparativeLoss(all_reduce=ckd_tensorflow.replica_sum), "all_reduce"),
+        (ckd_tensorflow.ProjectedRKDLoss(all_reduce=ckd_tensorflow.replica_sum), "all_reduce"),
+        (ckd_tensorflow.RKDLoss(all_gather=ckd_tensorflow.replica_gather), "all_gather"),
+    ]
+    for loss, hook in hooked:
+        clone = copies[how](loss)
+        assert getattr(clone, hook) is getattr(loss, hook), type(loss).__name__
+        assert clone.get_config() == loss.get_config()

@@ -8,6 +8,7 @@ device-resident and never touch NumPy in its hot loop.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,7 +41,8 @@ class TorchTeacherBudget(TeacherBudget):
         budget: maximum distinct sample ids (``None``: unlimited, counted).
         device: where the teacher runs (inputs are moved there).
         preprocess: optional ``fn(batch_tensor) -> batch_tensor`` on ``device``.
-        batch_size, metadata: as :class:`ckd_core.TeacherBudget`.
+        batch_size, metadata, shared_file: as :class:`ckd_core.TeacherBudget`
+            (``shared_file``: one cache file and budget shared by processes).
 
     It keeps no counting state of its own: budget checks, the cache and the
     counters are the core object's, so it is thread-safe in the same way
@@ -66,11 +68,14 @@ class TorchTeacherBudget(TeacherBudget):
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         batch_size: int = 256,
         metadata: Mapping[str, Any] | None = None,
+        shared_file: str | os.PathLike | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.torch_teacher = teacher
         self.preprocess = preprocess
-        super().__init__(self._call, budget, batch_size=batch_size, metadata=metadata)
+        super().__init__(
+            self._call, budget, batch_size=batch_size, metadata=metadata, shared_file=shared_file
+        )
 
     @torch.no_grad()
     def _call(self, inputs: Any) -> np.ndarray | dict[str, np.ndarray]:

@@ -8,7 +8,10 @@ core checks them and holds the defaults); ``global_batch=True`` or a
 
 from __future__ import annotations
 
+import copy
 import functools
+import re
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -18,20 +21,30 @@ import ckd_core
 from ckd_core._private_api import keras_torch_device
 from ckd_torch.distributed import all_reduce_sum, gather_rows
 
+#: torch's ``reduction`` names -> the core's (Keras') ``reduction`` values.
+REDUCTIONS: dict[str, str | None] = {"mean": "sum_over_batch_size", "sum": "sum", "none": None}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_CORE_NAMES = ((re.compile(r"\by_true\b"), "teacher"), (re.compile(r"\by_pred\b"), "student"))
 
-def _autocast_enabled(device_type: str) -> bool:
+
+def _autocast_check() -> Callable[[str], bool]:
+    """``torch.is_autocast_enabled(device_type)``; always True on torch < 2.4 (no device arg)."""
     try:
-        return bool(torch.is_autocast_enabled(device_type))
+        torch.is_autocast_enabled("cpu")
     except TypeError:  # pragma: no cover - torch < 2.4: always leave autocast
-        return True
+        return lambda device_type: True
+    return torch.is_autocast_enabled
+
+
+_autocast_enabled = _autocast_check()
 
 
 def _check_tensors(student: Any, teacher: Any, loss: str) -> None:
     if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
         return
-    role, x = ("student (input)", student)
+    role, x = ("student", student)
     if isinstance(student, torch.Tensor):
-        role, x = ("teacher (target)", teacher)
+        role, x = ("teacher", teacher)
     raise TypeError(
         f"ckd_torch.{loss} expects torch.Tensor inputs, got {role} of type "
         f"{type(x).__module__}.{type(x).__name__}; convert it with torch.as_tensor(...) "
@@ -39,51 +52,148 @@ def _check_tensors(student: Any, teacher: Any, loss: str) -> None:
     )
 
 
+def _torch_names(exc: Exception) -> Exception:
+    """``exc`` with the core's ``y_true``/``y_pred`` renamed ``teacher``/``student``."""
+    message = str(exc)
+    for pattern, name in _CORE_NAMES:
+        message = pattern.sub(name, message)
+    return type(exc)(message)
+
+
 class _CoreLoss(torch.nn.Module):
     """Runs a :mod:`ckd_core` loss on torch tensors.
 
+    Features of any rank ``(batch, ...)`` are flattened to ``(batch,
+    features)`` for the feature losses (CKD, RKD, RKD_d), as RepDistiller's
+    RKD does.
     The loss runs on the student's device (Keras' torch backend would
-    otherwise move tensors to its global device) and outside autocast, so
-    low-precision inputs are accumulated in float32 and no matmul is
-    downcast; the result has the student's dtype and device.
+    otherwise move tensors to its global device). The teacher is a target:
+    it never receives a gradient (it is detached, for every loss). Under
+    ``torch.autocast`` the loss is computed and returned in float32, as
+    torch's own losses are; otherwise the result has the student's dtype.
 
-    Subclasses name their core class (``core_class``) and which
-    data-parallel hook ``global_batch`` supplies (``hook``).
+    ``reduction`` takes torch's values: ``"mean"`` (default), ``"sum"``
+    or ``"none"`` (per-sample terms, whose mean is the default loss) for
+    the losses that decompose over samples; ``"mean"`` only for the
+    batch-level ones (RKD, DIST).
+
+    Copies (``copy.deepcopy``, ``pickle``, ``torch.save``) rebuild the core
+    loss with the same options, so a ``global_batch`` copy stays global;
+    a module with an explicit ``process_group`` deep-copies (sharing the
+    group) but refuses to be pickled.
+
+    Subclasses name their core class (``core_class``), which data-parallel
+    hook ``global_batch`` supplies (``hook``), whether their inputs are
+    features of any rank (``flattens_features``) and whether the loss is a
+    sum of per-sample terms (``per_sample``).
     """
 
     core_class: type[keras.losses.Loss]
     hook: str | None = None
+    flattens_features = False
+    per_sample = True
     core: keras.losses.Loss
 
     def __init__(
         self,
         *args: Any,
+        reduction: str = "mean",
         process_group: Any = None,
         global_batch: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}."
+            )
+        if reduction != "mean" and not self.per_sample:
+            raise ValueError(
+                f"{name} is a batch-level loss (its terms couple the samples), so it has no "
+                f"per-sample terms: reduction must be 'mean', got {reduction!r}."
+            )
+        self.reduction = reduction
         self.process_group = process_group
         self.global_batch = bool(global_batch) or process_group is not None
+        if self.global_batch and self.hook is None:
+            raise ValueError(f"{name} has no global_batch option.")
+        self._core_args = args
+        self._core_options = options
+        self.core = self._build_core()
+
+    def _build_core(self) -> keras.losses.Loss:
+        options = dict(self._core_options)
+        if self.reduction != "mean":
+            options["reduction"] = REDUCTIONS[self.reduction]
         if self.global_batch:
-            if self.hook is None:
-                raise ValueError(f"{type(self).__name__} has no global_batch option.")
             collective = all_reduce_sum if self.hook == "all_reduce" else gather_rows
-            options[self.hook] = functools.partial(collective, group=process_group)
-        self.core = self.core_class(*args, **options)
+            options[str(self.hook)] = functools.partial(collective, group=self.process_group)
+        core = self.core_class(*self._core_args, **options)
+        # The core's ``dtype=`` casts the inputs in ``Loss.__call__``, which the
+        # adapter skips (its name scope costs more than a small loss): cast here.
+        cast = options.get("dtype") is not None
+        self._input_dtype = getattr(torch, core.dtype) if cast else None
+        return core
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.process_group is not None:
+            raise TypeError(
+                f"cannot pickle ckd_torch.{type(self).__name__} with a process_group: a "
+                "torch.distributed group belongs to one process. Pickle it with "
+                "global_batch=True (the default group), or pass process_group= again after "
+                "loading."
+            )
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["core"] = None  # rebuilt from the options: the core's hooks do not survive a copy
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.core = self._build_core()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CoreLoss:
+        if self.process_group is not None:
+            memo.setdefault(id(self.process_group), self.process_group)  # shared, not copied
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self._state(), memo))
+        return clone
 
     def _run(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.flattens_features and student.ndim > 2:
+            student = student.reshape(student.shape[0], -1)
+        if self.flattens_features and teacher.ndim > 2:
+            teacher = teacher.reshape(teacher.shape[0], -1)
+        teacher = teacher.detach()
         device = student.device
-        # Enter the two scopes only when they change something: each costs
-        # ~10-20 us per call, more than a small loss itself.
         if _autocast_enabled(device.type):
+            # Like torch's losses under autocast: float32 inside and out.
             with torch.autocast(device.type, enabled=False):
-                return self._run(student, teacher, **kwargs)
-        name = str(device)
-        if keras_torch_device() != name:
-            with keras.device(name):
-                return self.core(teacher, student, **kwargs)
-        return self.core(teacher, student, **kwargs)
+                if student.dtype in _LOW_PRECISION:
+                    student = student.float()
+                if teacher.dtype in _LOW_PRECISION:
+                    teacher = teacher.float()
+                return self._on_device(student, teacher, kwargs)
+        return self._on_device(student, teacher, kwargs)
+
+    def _on_device(
+        self, student: torch.Tensor, teacher: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The core's ``call`` on the student's device (skips ``__call__``'s name scope)."""
+        if self._input_dtype is not None:
+            student, teacher = student.to(self._input_dtype), teacher.to(self._input_dtype)
+        name = str(student.device)
+        try:
+            if keras_torch_device() != name:  # a keras.device scope costs ~10-20 us
+                with keras.device(name):
+                    return self.core.call(teacher, student, **kwargs)
+            return self.core.call(teacher, student, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise _torch_names(exc) from None
 
     def forward(
         self,
@@ -91,12 +201,15 @@ class _CoreLoss(torch.nn.Module):
         teacher: torch.Tensor,
         sample_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss between ``student`` (input) and ``teacher`` (target), both ``(batch, dim)``."""
+        """Loss between ``student`` (input) and ``teacher`` (target)."""
         _check_tensors(student, teacher, type(self).__name__)
         return self._run(student, teacher, sample_weight=sample_weight)
 
     def extra_repr(self) -> str:
-        items = [f"{k}={v!r}" for k, v in self.core.get_config().items() if k != "name"]
+        config = self.core.get_config()
+        items = [f"{k}={v!r}" for k, v in config.items() if k not in ("name", "reduction")]
+        if self.reduction != "mean":
+            items.append(f"reduction={self.reduction!r}")
         if self.global_batch:
             items.append("global_batch=True")
         return ", ".join(items)
@@ -105,7 +218,8 @@ class _CoreLoss(torch.nn.Module):
 class ComparativeLoss(_CoreLoss):
     """CKD loss (:class:`ckd_core.ComparativeLoss`) as an ``nn.Module``.
 
-    ``forward(student, teacher)`` compares all in-batch pairs in O(n·d);
+    ``forward(student, teacher)`` on features ``(batch, ...)`` (flattened to
+    ``(batch, features)``) compares all in-batch pairs in O(n·d);
     ``pairs=(a, b)`` equals ``MSELoss()(s[a] - s[b], t[a] - t[b])`` and
     ``groups=(ga, gb)`` compares the means of the indexed rows.
 
@@ -124,6 +238,7 @@ class ComparativeLoss(_CoreLoss):
 
     core_class = ckd_core.ComparativeLoss
     hook = "all_reduce"
+    flattens_features = True
 
     def forward(  # type: ignore[override]
         self,
@@ -144,9 +259,9 @@ class ComparativeLoss(_CoreLoss):
 
 
 class RKDLoss(_CoreLoss):
-    """Relational KD (:class:`ckd_core.RKDLoss`); the teacher gets no gradient.
+    """Relational KD (:class:`ckd_core.RKDLoss`) on features ``(batch, ...)``, flattened.
 
-    ``RKDLoss(distance_weight=25.0, angle_weight=50.0)``.
+    ``RKDLoss(distance_weight=25.0, angle_weight=50.0)``; ``reduction="mean"`` only.
     ``global_batch=True`` (or a ``process_group``) all-gathers the student
     and teacher embeddings of every rank (``2 · world_size · n · dim``
     numbers received per rank per call; the core's ``all_gather`` hook with
@@ -160,11 +275,14 @@ class RKDLoss(_CoreLoss):
 
     core_class = ckd_core.RKDLoss
     hook = "all_gather"
+    flattens_features = True
+    per_sample = False
 
 
 class ProjectedRKDLoss(_CoreLoss):
     """RKD_d (:class:`ckd_core.ProjectedRKDLoss`) with a fixed seeded projection.
 
+    Features ``(batch, ...)`` are flattened to ``(batch, features)`` first.
     ``ProjectedRKDLoss(out_dim=10, projection="gaussian", seed=0)``.
     ``global_batch=True`` / ``process_group`` work as in
     :class:`ComparativeLoss`, with O(out_dim) communication per call.
@@ -172,6 +290,7 @@ class ProjectedRKDLoss(_CoreLoss):
 
     core_class = ckd_core.ProjectedRKDLoss
     hook = "all_reduce"
+    flattens_features = True
 
 
 class KDLoss(_CoreLoss):
@@ -181,6 +300,10 @@ class KDLoss(_CoreLoss):
 
 
 class DISTLoss(_CoreLoss):
-    """DIST (:class:`ckd_core.DISTLoss`) on logits: ``DISTLoss(beta=1.0, gamma=1.0, tau=4.0)``."""
+    """DIST (:class:`ckd_core.DISTLoss`) on logits: ``DISTLoss(beta=1.0, gamma=1.0, tau=4.0)``.
+
+    A batch-level loss: ``reduction="mean"`` only.
+    """
 
     core_class = ckd_core.DISTLoss
+    per_sample = False

@@ -34,25 +34,32 @@ Example:
 from __future__ import annotations
 
 import json
-import operator
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["TeacherBudget", "TeacherBudgetExceeded"]
+from ckd_core._checks import check_int
+from ckd_core.budget_files import (
+    _ARRAY_KEY,
+    _FORMAT_VERSION,
+    _IDS_KEY,
+    RESERVED_KEYS,
+    file_lock,
+    file_stamp,
+    read_cache,
+    saved_metadata,
+    validated_outputs,
+    write_cache,
+)
+
+__all__ = ["RESERVED_KEYS", "TeacherBudget", "TeacherBudgetExceeded"]
 
 Outputs = np.ndarray | dict[str, np.ndarray]
-# Key used when the teacher returns a bare array instead of a dict.
-_ARRAY_KEY = "__output__"
-_IDS_KEY = "__ids__"
-_META_KEY = "__meta__"  # npz only: the JSON metadata
-#: Output names a teacher may not use: they name the cache file's own entries.
-RESERVED_KEYS = (_IDS_KEY, _META_KEY, _ARRAY_KEY)
-_FORMAT_VERSION = "1"
+Rows = tuple[np.ndarray, dict[str, np.ndarray], bool | None]  # ids, outputs, array_output
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 class TeacherBudgetExceeded(RuntimeError):
@@ -76,6 +83,9 @@ def _as_ids(ids: Any) -> np.ndarray:
         arr = arr.reshape(-1)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"ids must be integer sample ids, got an array of dtype {arr.dtype}.")
+    if arr.size and arr.dtype.kind == "u" and int(arr.max()) > _INT64_MAX:
+        # a cast would wrap 2**64 - 1 onto -1: two samples under one id
+        raise ValueError(f"sample ids must fit in int64 (at most 2**63 - 1), got {int(arr.max())}.")
     return arr.astype(np.int64, copy=False)
 
 
@@ -84,20 +94,27 @@ def _distinct(ids: np.ndarray) -> list[int]:
     return list(dict.fromkeys(ids.tolist()))
 
 
-def _count_arg(name: str, value: Any, *, minimum: int, allowed: str = "") -> int:
-    """``value`` as an int >= ``minimum``; a TypeError/ValueError naming ``name`` otherwise."""
-    allowed = allowed or f"an integer >= {minimum}"
-    if isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be {allowed}, got the bool {value!r}.")
-    try:
-        number = operator.index(value)  # int and NumPy integers, never floats
-    except TypeError:
-        raise TypeError(
-            f"{name} must be {allowed}, got {value!r} ({type(value).__name__})."
-        ) from None
-    if number < minimum:
-        raise ValueError(f"{name} must be {allowed}, got {number}.")
-    return number
+def _merged(path: str, ours: Rows, theirs: Rows) -> Rows:
+    """``ours`` plus the rows of ``theirs`` (read from ``path``) whose ids ``ours`` lacks."""
+    ids, rows, array_output = ours
+    other_ids, other_rows, other_array = theirs
+    keep = ~np.isin(other_ids, ids)
+    if not keep.any():
+        return ours
+    extra = {k: v[keep] for k, v in other_rows.items()}
+    if not len(ids):
+        return other_ids[keep], extra, other_array
+    same = array_output == other_array and set(rows) == set(extra)
+    if not same or any(rows[k].shape[1:] != v.shape[1:] for k, v in extra.items()):
+        raise ValueError(
+            f"cannot merge into cache {path!r}: it holds other outputs ({sorted(extra)}, rows "
+            f"{[v.shape[1:] for v in extra.values()]}) than this TeacherBudget; save elsewhere."
+        )
+    return (
+        np.concatenate([ids, other_ids[keep]]),
+        {k: np.concatenate([v, extra[k]]) for k, v in rows.items()},
+        array_output,
+    )
 
 
 class TeacherBudget:
@@ -117,6 +134,9 @@ class TeacherBudget:
         metadata: JSON-able dict describing what the cache holds (teacher,
             dataset, view...). Saved with the cache; :meth:`load` refuses a
             file whose metadata differs.
+        shared_file: a cache path shared with other processes (see
+            *Processes*); ``None``: this object's cache lives in memory
+            until :meth:`save`.
 
     Counters: ``used`` is the number of distinct ids the teacher has been
     charged for, i.e. teacher calls spent by this experiment (including
@@ -151,6 +171,23 @@ class TeacherBudget:
         object (``in``, ``used``, cached :meth:`query`), but a query from
         them that needs the teacher raises ``RuntimeError``, and they must
         not wait on another thread that queries uncached ids (deadlock).
+
+    Processes:
+        Several processes (or objects) share one cache file and one budget
+        with ``shared_file=path`` (e.g. ``TeacherBudget.from_file(path,
+        teacher, budget, shared_file=path)``, or a fresh object if the file
+        does not exist yet). A query that needs the teacher holds an
+        inter-process lock on ``path`` (``path + ".lock"``, an OS file lock)
+        for its check-call-store: it first merges the rows other processes
+        added to the file, then checks the budget against everything the
+        file holds (the budget counts all processes' calls in total), calls
+        the teacher, and rewrites the file with the new rows before
+        releasing the lock. An id is thus sent once over all processes, and
+        the budget is never exceeded in total. Each such query rewrites the
+        whole file; queries of ids cached in memory take no file lock. Calls
+        whose outputs were refused are charged only in their own process.
+        Every :meth:`save` also merges (under the same lock): it never drops
+        ids another process wrote to the file.
     """
 
     def __init__(
@@ -160,18 +197,15 @@ class TeacherBudget:
         *,
         batch_size: int = 256,
         metadata: Mapping[str, Any] | None = None,
+        shared_file: str | os.PathLike | None = None,
     ) -> None:
         if teacher is not None and not callable(teacher):
             raise TypeError(
                 f"teacher must be a callable fn(batch_inputs) -> outputs, or None (cache only); "
                 f"got {type(teacher).__name__}."
             )
-        self.budget = (
-            None
-            if budget is None
-            else _count_arg("budget", budget, minimum=0, allowed="an integer >= 0 or None")
-        )
-        self.batch_size = _count_arg("batch_size", batch_size, minimum=1)
+        self.budget = None if budget is None else check_int(budget, "budget", minimum=0)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(
                 f"metadata must be a JSON-able dict or None, got {type(metadata).__name__}."
@@ -196,6 +230,23 @@ class TeacherBudget:
         self._array_output: bool | None = None
         self.new_calls = 0
         self.num_batches = 0
+        self.shared_file = None if shared_file is None else os.path.abspath(shared_file)
+        self._file_stamp: tuple[int, int, int] | None = None  # shared file as last merged
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deep-copy support: the state without its locks."""
+        with self._state_lock:
+            self._storage()
+            state = dict(self.__dict__)
+        for lock in ("_state_lock", "_call_lock", "_call_owner"):
+            del state[lock]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._state_lock = threading.RLock()
+        self._call_lock = threading.Lock()
+        self._call_owner = None
 
     # ------------------------------------------------------------------ counters
     @property
@@ -279,28 +330,44 @@ class TeacherBudget:
         with self._call_lock:
             self._call_owner = threading.get_ident()
             try:
-                with self._state_lock:
-                    # recomputed under the call lock: another thread may have cached some
-                    missing = [i for i in distinct if i not in self._row]
-                    if missing:
-                        self._check_budget(missing)
-                if missing:
-                    if inputs is None:
-                        raise ValueError(
-                            f"{len(missing)} ids are not cached (e.g. {missing[:5]}) and no "
-                            "inputs were given: pass inputs= (an array aligned with ids, or a "
-                            "loader fn(missing_ids) -> batch inputs)."
-                        )
-                    if self.teacher is None:
-                        raise RuntimeError(
-                            f"{len(missing)} ids are not cached (e.g. {missing[:5]}) and this "
-                            "TeacherBudget has no teacher (teacher=None: cache only)."
-                        )
-                    self._call_teacher(np.array(missing, dtype=np.int64), ids, inputs)
+                if self.shared_file is None:
+                    self._fetch_missing(distinct, ids, inputs)
+                else:
+                    with file_lock(self.shared_file):
+                        self._merge_file(self.shared_file)
+                        stored = self._nrows
+                        try:
+                            self._fetch_missing(distinct, ids, inputs)
+                        finally:
+                            if self._nrows != stored:
+                                self._write(self.shared_file, None)
+                                self._file_stamp = file_stamp(self.shared_file)
             finally:
                 self._call_owner = None
         with self._state_lock:
             return self._get(ids)
+
+    def _fetch_missing(self, distinct: list[int], ids: np.ndarray, inputs: Any) -> None:
+        """Check-call-store of the uncached ids (with _call_lock held)."""
+        with self._state_lock:
+            # recomputed under the call lock: another thread may have cached some
+            missing = [i for i in distinct if i not in self._row]
+            if missing:
+                self._check_budget(missing)
+        if not missing:
+            return
+        if inputs is None:
+            raise ValueError(
+                f"{len(missing)} ids are not cached (e.g. {missing[:5]}) and no inputs were "
+                "given: pass inputs= (an array aligned with ids, or a loader "
+                "fn(missing_ids) -> batch inputs)."
+            )
+        if self.teacher is None:
+            raise RuntimeError(
+                f"{len(missing)} ids are not cached (e.g. {missing[:5]}) and this "
+                "TeacherBudget has no teacher (teacher=None: cache only)."
+            )
+        self._call_teacher(np.array(missing, dtype=np.int64), ids, inputs)
 
     def get(self, ids: Any) -> Outputs:
         """Cached outputs for ``ids``; ``KeyError`` if any is not cached."""
@@ -366,7 +433,7 @@ class TeacherBudget:
             batch = load(batch_ids)  # a failing loader charges nothing
             try:
                 outputs = self.teacher(batch)  # type: ignore[misc]
-                chunk, is_array = self._validate(batch_ids, outputs)
+                chunk, is_array = validated_outputs(len(batch_ids), outputs)
             except BaseException:
                 with self._state_lock:  # the teacher saw the batch: charged, not cached
                     self._spent.update(batch_ids.tolist())
@@ -381,45 +448,6 @@ class TeacherBudget:
                 except BaseException:
                     self._spent.update(batch_ids.tolist())
                     raise
-
-    def _validate(self, batch_ids: np.ndarray, outputs: Any) -> tuple[dict[str, np.ndarray], bool]:
-        """The outputs of one teacher call as a chunk of rows; raises if refused."""
-        is_array = not isinstance(outputs, Mapping)
-        if is_array:
-            chunk = {_ARRAY_KEY: np.asarray(outputs)}
-        else:
-            if not outputs:
-                raise ValueError(
-                    "the teacher returned an empty dict; it must return an array, or a dict of "
-                    "arrays, with one row per input."
-                )
-            chunk = {}
-            for k, v in outputs.items():
-                if not isinstance(k, str):
-                    raise TypeError(
-                        f"teacher output names must be strings, got {k!r} ({type(k).__name__})."
-                    )
-                if k in RESERVED_KEYS:
-                    raise ValueError(
-                        f"the teacher returned an output named {k!r}, a reserved name (the "
-                        f"cache file's own entries are {', '.join(RESERVED_KEYS)}); rename it."
-                    )
-                chunk[k] = np.asarray(v)
-        expected = len(batch_ids)
-        for k, v in chunk.items():
-            name = "the teacher's output" if is_array else f"teacher output {k!r}"
-            if v.dtype == object:
-                raise ValueError(
-                    f"{name} has dtype object; it must be a numeric (or bool) array, which the "
-                    "cache can store without pickling."
-                )
-            if v.ndim == 0 or v.shape[0] != expected:
-                got = "a scalar" if v.ndim == 0 else f"{v.shape[0]} rows"
-                raise ValueError(
-                    f"{name} has shape {v.shape}: expected {expected} rows (one per input of "
-                    f"the batch), got {got}."
-                )
-        return chunk, is_array
 
     def _append(self, batch_ids: np.ndarray, chunk: dict[str, np.ndarray], is_array: bool) -> None:
         """Stores validated rows (with _state_lock held); raises before any change."""
@@ -458,39 +486,70 @@ class TeacherBudget:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the cache atomically (temporary file + ``os.replace``).
+        """Writes the cache atomically (temporary file + ``os.replace``), merging.
 
         ``.safetensors`` (needs the ``safetensors`` package) or ``.npz``.
+        Under an inter-process lock on ``path``, the ids the file already
+        holds and this object lacks (e.g. another process's) are kept in the
+        written file, so a save never drops another process's entries;
+        ``ValueError`` if that file is not a cache of the same metadata and
+        outputs. Saving to the ``shared_file`` also merges them into this object.
         """
-        path = os.fspath(path)
+        path = os.path.abspath(path)
+        with file_lock(path):
+            if path == self.shared_file:
+                self._merge_file(path)
+                self._write(path, None)
+                self._file_stamp = file_stamp(path)
+            else:
+                saved = read_cache(path, self.metadata) if os.path.exists(path) else None
+                self._write(path, None if saved is None else saved[:3])
+
+    def _write(self, path: str, theirs: Rows | None) -> None:
+        """Writes this object's rows, plus ``theirs`` rows of ids it lacks, to ``path``."""
         with self._state_lock:  # a consistent snapshot; written outside the lock
-            store = self._storage() or {}
-            tensors = {k: np.ascontiguousarray(v) for k, v in store.items()}
-            tensors[_IDS_KEY] = self._ids_by_row()
-            array_output = self._array_output
+            ours: Rows = (self._ids_by_row(), dict(self._storage() or {}), self._array_output)
+        ids, rows, array_output = ours if theirs is None else _merged(path, ours, theirs)
+        tensors = {k: np.ascontiguousarray(v) for k, v in rows.items()}
+        tensors[_IDS_KEY] = ids
         meta = {
             "format": _FORMAT_VERSION,
             "budget": "null" if self.budget is None else str(self.budget),
             "array_output": json.dumps(array_output),
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=_suffix(path))
-        os.close(fd)
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.numpy import save_file
+        write_cache(path, tensors, meta)
 
-                save_file(tensors, tmp, metadata=meta)
-            else:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **tensors, **{_META_KEY: np.array(json.dumps(meta))})  # type: ignore[arg-type]
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+    def _merge_file(self, path: str) -> None:
+        """Adds the shared file's rows this object lacks (charged by their process, not here)."""
+        stamp = file_stamp(path)
+        if stamp is None or stamp == self._file_stamp:
+            return
+        ids, rows, array_output, _ = read_cache(path, self.metadata)
+        with self._state_lock:
+            self._add_rows(path, ids, rows, array_output, check_budget=False)
+        self._file_stamp = stamp
+
+    def _add_rows(
+        self,
+        path: str,
+        ids: np.ndarray,
+        rows: dict[str, np.ndarray],
+        array_output: bool,
+        *,
+        check_budget: bool,
+    ) -> int:
+        """Stores the rows of uncached ``ids`` read from ``path`` (with _state_lock held)."""
+        keep = np.array([i not in self._row for i in ids.tolist()], dtype=bool)
+        if check_budget:
+            self._check_budget(ids[keep].tolist())
+        new = int(keep.sum())
+        if new:
+            try:
+                self._append(ids[keep], {k: v[keep] for k, v in rows.items()}, array_output)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"cache {path!r} does not fit this TeacherBudget: {exc}") from None
+        return new
 
     def load(self, path: str | os.PathLike, *, check_metadata: bool = True) -> int:
         """Merges a saved cache into this one; returns the number of ids added.
@@ -502,26 +561,11 @@ class TeacherBudget:
         metadata differs from this object's.
         """
         path = os.fspath(path)
-        tensors, meta = _read(path)
-        saved_meta = _saved_metadata(path, meta)
-        if check_metadata and saved_meta != json.loads(json.dumps(self.metadata, sort_keys=True)):
-            raise ValueError(f"cache {path!r} was made for {saved_meta}, not {self.metadata}.")
-        ids, rows, array_output = _validated_cache(path, tensors, meta)
+        ids, rows, array_output, _ = read_cache(path, self.metadata if check_metadata else None)
         if self._call_owner == threading.get_ident():
             raise RuntimeError("TeacherBudget.load from inside this object's own teacher/loader.")
         with self._call_lock, self._state_lock:
-            keep = np.array([i not in self._row for i in ids.tolist()], dtype=bool)
-            self._check_budget(ids[keep].tolist())
-            new = int(keep.sum())
-            if new:
-                chunk = {k: v[keep] for k, v in rows.items()}
-                try:
-                    self._append(ids[keep], chunk, array_output)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(
-                        f"cache {path!r} does not fit this TeacherBudget: {exc}"
-                    ) from None
-        return new
+            return self._add_rows(path, ids, rows, array_output, check_budget=True)
 
     @classmethod
     def from_file(
@@ -533,11 +577,11 @@ class TeacherBudget:
     ) -> TeacherBudget:
         """A budget whose cache is read from ``path`` (metadata taken from it)."""
         path = os.fspath(path)
-        _, meta = _read(path)
-        kwargs.setdefault("metadata", _saved_metadata(path, meta))
+        meta = read_cache(path, None)[3]
+        kwargs.setdefault("metadata", saved_metadata(path, meta))
         if budget is None and meta.get("budget", "null") != "null":
             try:
-                budget = _count_arg("budget", int(meta["budget"]), minimum=0)
+                budget = check_int(int(meta["budget"]), "budget", minimum=0)
             except (TypeError, ValueError):
                 raise ValueError(
                     f"cache {path!r} is corrupted: its saved budget {meta['budget']!r} is not an "
@@ -546,103 +590,3 @@ class TeacherBudget:
         obj = cls(teacher, budget, **kwargs)
         obj.load(path)
         return obj
-
-
-def _suffix(path: str) -> str:
-    return ".safetensors" if path.endswith(".safetensors") else ".npz"
-
-
-def _not_a_cache(path: str, what: str) -> ValueError:
-    return ValueError(f"{path!r} is not a readable TeacherBudget cache: {what}.")
-
-
-def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors and string metadata of a cache file; never unpickles."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"TeacherBudget cache {path!r} does not exist (or is not a file).")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="numpy") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # SafetensorError derives from Exception only
-            raise _not_a_cache(path, f"not a valid safetensors file ({exc})") from None
-        return tensors, meta
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise _not_a_cache(path, f"not a valid .npz file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise _not_a_cache(path, "a single .npy array, not an .npz archive")
-    try:
-        with data:
-            tensors = {k: data[k] for k in data.files}
-    except Exception as exc:  # pickled (object) arrays, truncated members...
-        raise _not_a_cache(path, f"unreadable member ({type(exc).__name__}: {exc})") from None
-    raw = tensors.pop(_META_KEY, None)
-    if raw is None:
-        raise _not_a_cache(path, f"it has no {_META_KEY!r} entry (a foreign .npz?)")
-    try:
-        meta = json.loads(str(raw))
-    except ValueError as exc:
-        raise _not_a_cache(path, f"its {_META_KEY!r} entry is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _not_a_cache(path, f"its {_META_KEY!r} entry is not a dict of strings")
-    return tensors, meta
-
-
-def _saved_metadata(path: str, meta: Mapping[str, str]) -> Any:
-    if meta.get("format") != _FORMAT_VERSION:
-        raise _not_a_cache(
-            path,
-            f"its format is {meta.get('format')!r}, this version reads format "
-            f"{_FORMAT_VERSION!r} (a foreign file, or one from another version?)",
-        )
-    try:
-        return json.loads(meta.get("metadata", "{}"))
-    except ValueError as exc:
-        raise _not_a_cache(path, f"its saved metadata is not valid JSON ({exc})") from None
-
-
-def _validated_cache(
-    path: str, tensors: dict[str, np.ndarray], meta: Mapping[str, str]
-) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
-    """``(ids, rows by output name, array_output)`` of a read cache; raises naming the file."""
-    tensors = dict(tensors)
-    ids = tensors.pop(_IDS_KEY, None)
-    if ids is None:
-        raise _not_a_cache(path, f"it has no {_IDS_KEY!r} entry")
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise _not_a_cache(
-            path, f"{_IDS_KEY!r} must be 1-D integers, got shape {ids.shape} dtype {ids.dtype}"
-        )
-    ids = ids.astype(np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise _not_a_cache(path, f"{_IDS_KEY!r} holds repeated ids")
-    try:
-        array_output = json.loads(meta.get("array_output", "null"))
-    except ValueError:
-        array_output = "?"
-    if array_output not in (True, False, None):
-        raise _not_a_cache(path, f"its array_output {meta.get('array_output')!r} is not a bool")
-    if len(ids) and array_output is None:
-        raise _not_a_cache(path, f"it holds {len(ids)} ids but array_output is null")
-    if array_output and set(tensors) != {_ARRAY_KEY}:
-        raise _not_a_cache(
-            path,
-            f"array_output is true but its outputs are {sorted(tensors)}, not [{_ARRAY_KEY!r}]",
-        )
-    if array_output is False and (not tensors or set(tensors) & set(RESERVED_KEYS)):
-        raise _not_a_cache(
-            path,
-            f"array_output is false but its outputs are {sorted(tensors)} (none of "
-            f"{', '.join(RESERVED_KEYS)} may be an output name)",
-        )
-    for k, v in tensors.items():
-        if v.ndim == 0 or v.shape[0] != len(ids):
-            raise _not_a_cache(
-                path, f"output {k!r} has shape {v.shape}, expected {len(ids)} rows (one per id)"
-            )
-    return ids, tensors, bool(array_output)
