@@ -23,6 +23,7 @@ saves, and every rank returns the same path.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -179,16 +180,12 @@ class _TeacherRun:
     loss_scale: float
 
 
-def _cosine_after_warmup(warm: int, total: int):
-    """lr factor at a step: linear over ``warm`` steps, then a cosine to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        done = min(step - warm, total - warm) / max(1, total - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * done))
-
-    return factor
+def _cosine_after_warmup(step: int, warm: int, total: int) -> float:
+    """lr factor at ``step``: linear over ``warm`` steps, then a cosine to 0 at ``total``."""
+    if step < warm:
+        return (step + 1) / warm
+    done = min(step - warm, total - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def _start(spec: TeacherSpec, dataset: ImageDataset, dev: torch.device) -> _TeacherRun:
@@ -225,7 +222,8 @@ def _start(spec: TeacherSpec, dataset: ImageDataset, dev: torch.device) -> _Teac
         nesterov=warm > 0,
     )
     total = max(1, spec.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_after_warmup(warm, total))
+    factor = functools.partial(_cosine_after_warmup, warm=warm, total=total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return _TeacherRun(
         model,
         net,
