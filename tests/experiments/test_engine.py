@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reference_experiments import config, engine, methods  # noqa: E402
+from reference_experiments import config, devices, engine, methods, stepping  # noqa: E402
 from reference_experiments.config import PRESETS, Preset, RunConfig  # noqa: E402
 from reference_experiments.data import load_dataset  # noqa: E402
 from reference_experiments.models import create_model  # noqa: E402
@@ -128,8 +128,11 @@ def test_features(monkeypatch):
         ("ckd_pn3", "digits_cnn"),  # two student passes, BatchNorm buffers under vmap
     ],
 )
-def test_stacked_equals_single(float64, digits, test_features, method, arch):
+@pytest.mark.parametrize("vmapped", [False, True], ids=["trial-by-trial", "vmapped"])
+def test_stacked_equals_single(float64, digits, test_features, monkeypatch, method, arch, vmapped):
     assert methods.get(method).vmappable == (method != "rkd")
+    # the stack steps as on CUDA (one vmapped call) or as on the CPU (trials in turn)
+    monkeypatch.setattr(devices, "VMAP_DEVICE_TYPES", ("cpu",) if vmapped else ())
     teacher = make_teacher()  # float64, like the students
     a = cfg(method=method, student_arch=arch, max_epochs=3)
     b = replace(a, seed=1)
@@ -148,6 +151,19 @@ def test_stacked_equals_single(float64, digits, test_features, method, arch):
     # and the stack did train B as its own run (other seed: other subset and init)
     assert row_b.run_id != alone.run_id
     assert not torch.allclose(f_b.double(), f_alone.double(), rtol=0, atol=1e-3)
+
+
+def test_cpu_stacks_step_trial_by_trial_and_cuda_stacks_vmapped(digits, teacher, monkeypatch):
+    """The measured rule of :mod:`devices`: vmapped stacks lose to trials in turn on the
+    CPU; a lone trial or a method functorch refuses never runs vmapped."""
+    stack = engine.build_stack([cfg(seed=s) for s in (0, 1)], digits, teacher)
+    cache: dict = {}
+    assert type(stepping.runner_for(stack, stack.trials, cache)) is stepping.TrialByTrial
+    monkeypatch.setattr(devices, "VMAP_DEVICE_TYPES", ("cpu",))
+    assert type(stepping.runner_for(stack, stack.trials, cache)) is stepping.Vmapped
+    assert type(stepping.runner_for(stack, stack.trials[:1], cache)) is stepping.TrialByTrial
+    rkd = engine.build_stack([cfg(method="rkd", seed=s) for s in (0, 1)], digits, teacher)
+    assert type(stepping.runner_for(rkd, rkd.trials, {})) is stepping.TrialByTrial
 
 
 def test_lr_sweep_reports_every_lr_and_keeps_best_validation(digits):
