@@ -6,8 +6,8 @@ A block runs in a fresh interpreter (Keras fixes its backend at import) with
 ``KERAS_BACKEND`` set; in a nox session only the session's backend runs, so
 each (block, backend) pair runs exactly once across ``nox``. The
 ``python -m reference_experiments`` commands of the shell blocks are checked
-against the CLI's ``--help``, and the API reference against the packages'
-``__all__``.
+against the CLI's ``--help`` (and nox sessions, pip extras and benchmark flags
+against their sources), and the API reference against the packages' ``__all__``.
 """
 
 from __future__ import annotations
@@ -195,18 +195,51 @@ def test_api_reference_documents_every_public_name():
     assert not missing, f"docs/api lacks a '::: name' entry for {missing}"
 
 
+def _shell_lines() -> list[tuple[str, str]]:
+    """(page, command) of every line of the ```bash blocks, continuations joined."""
+    return [
+        (page, line.split(" #")[0].strip())
+        for page, text in PAGES.items()
+        for block in _SHELL_BLOCK.findall(text)
+        for line in block.replace("\\\n", " ").splitlines()
+    ]
+
+
 def _cli_commands() -> list[tuple[str, str, list[str]]]:
     """(page, subcommand, flags) of every ``-m reference_experiments`` shell command."""
     found = []
-    for page, text in PAGES.items():
-        for block in _SHELL_BLOCK.findall(text):
-            for line in block.replace("\\\n", " ").splitlines():
-                m = _CLI.search(line.split(" #")[0])
-                if m:
-                    sub, *rest = m.group("args").split()
-                    flags = [arg.split("=")[0] for arg in rest if arg.startswith("--")]
-                    found.append((page, sub, flags))
+    for page, line in _shell_lines():
+        m = _CLI.search(line)
+        if m:
+            sub, *rest = m.group("args").split()
+            flags = [arg.split("=")[0] for arg in rest if arg.startswith("--")]
+            found.append((page, sub, flags))
     return found
+
+
+def test_shell_commands_name_existing_sessions_extras_and_flags():
+    """``nox -s`` sessions, ``pip install ".[extra]"`` extras and benchmark flags exist."""
+    noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    bench = (ROOT / "benchmarks" / "losses.py").read_text(encoding="utf-8")
+    wrong, seen = [], set()
+    for page, line in _shell_lines():
+        sessions = line.split("nox -s ", 1)[1].split(" --")[0] if "nox -s " in line else ""
+        for name, param in re.findall(r"(\w+)(?:\((\w+)\))?", sessions):
+            seen.add("nox")
+            if f"def {name}(" not in noxfile or (param and f'"{param}"' not in noxfile):
+                wrong.append((page, f"nox session {name}({param})"))
+        for extras in re.findall(r"pip install .*?-e \"\.\[([\w,]+)\]\"", line):
+            seen.add("pip")
+            wrong += [
+                (page, x) for x in extras.split(",") if not re.search(rf"^{x} = ", pyproject, re.M)
+            ]
+        if "benchmarks/losses.py" in line:
+            seen.add("bench")
+            flags = [a.split("=")[0] for a in line.split() if a.startswith("--")]
+            wrong += [(page, f) for f in flags if f'"{f}"' not in bench]
+    assert seen == {"nox", "pip", "bench"}, seen
+    assert not wrong, f"shell commands name what does not exist: {wrong}"
 
 
 _HELP = """
