@@ -119,7 +119,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """The documentation site (MkDocs, Material theme, mkdocstrings) built with
-    ``--strict`` into ``site/``: a broken link, anchor or docstring fails it. The API
+    ``--strict`` into ``build/site/``: a broken link, anchor or docstring fails it. The API
     pages read the sources statically, so no backend is installed; ruff formats
     the signatures."""
     _install(session, "mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff")
