@@ -294,3 +294,20 @@ def test_readme_cites_the_papers():
         "Distilling the Knowledge in a Neural Network",
     ):
         assert needle in README
+
+
+def test_docs_hook_renders_docstring_markup():
+    """The API pages' reST leftovers: roles become code, maths goes to MathJax intact."""
+    spec = importlib.util.spec_from_file_location("hook", DOCS / "hooks" / "docstring_markup.py")
+    assert spec and spec.loader
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    html = (
+        "<p>see :class:<code>ckd_core.TeacherBudget</code> and :math:<code>e_i</code></p>\n"
+        "<p>.. math::\n    \\rho<em>{a} + \\rho</em>{b}</p>"
+    )
+    assert hook.on_page_content(html) == (
+        "<p>see <code>ckd_core.TeacherBudget</code> and "
+        '<span class="arithmatex">\\(e_i\\)</span></p>\n'
+        '<div class="arithmatex">\\[\\rho_{a} + \\rho_{b}\\]</div>'
+    )
