@@ -117,6 +117,19 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs, Material theme, mkdocstrings) built with
+    ``--strict`` into ``build/site/``: a broken link, anchor or docstring fails it. The API
+    pages read the sources statically, so no backend is installed; ruff formats
+    the signatures."""
+    _install(session, "mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff")
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+nox.options.sessions.append("docs")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Loss benchmark (benchmarks/losses.py): ``--quick`` grid unless arguments follow ``--``.
 
