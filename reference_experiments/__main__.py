@@ -395,8 +395,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "campaign": _cmd_campaign,
     "prepare-data": _cmd_prepare_data,
 }
-#: what a user mistake raises: one line ``error: ...``, exit 2 (``--debug``: traceback)
+#: what a user mistake raises: one line ``error: ...``, exit 2 (``--debug``: traceback);
+#: ImportError: a missing extra, or KERAS_BACKEND naming a backend other than torch
 USER_ERRORS = (
+    ImportError,
     ValueError,
     FileNotFoundError,
     FloatingPointError,
