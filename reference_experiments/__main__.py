@@ -96,9 +96,7 @@ def _parser() -> tuple[opts.Parser, dict[str, opts.Parser]]:
     g.add_argument(
         "--max-epochs", type=opts.positive_int, default=None, help="cap every run's epochs"
     )
-    g.add_argument(
-        "--max-runs", type=opts.positive_int, default=None, help="stop after this many new runs"
-    )
+    g.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     g.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N")
     g.add_argument(
         "--stack", type=opts.positive_int, default=32, metavar="N", help="runs per stacked step"
