@@ -6,6 +6,8 @@ those outputs. Examples::
 
     python -m reference_experiments quickstart                   # CPU, digits, < 2 min
     python -m reference_experiments student --help               # every method, one line each
+    python -m reference_experiments import-teacher --arch wrn_40_2 \\
+        --checkpoint wrn_40_2_vanilla/ckpt_epoch_240.pth --dataset cifar100 --out teachers
     python -m reference_experiments student --dataset digits --teacher runs/t.safetensors \\
         --student-arch digits_mlp --method ckd_all --budget 500 --preset fast
     python -m reference_experiments grid table1 --dry-run
@@ -76,6 +78,9 @@ def _parser() -> tuple[opts.Parser, dict[str, opts.Parser]]:
     )
 
     opts.add_train_teacher_arguments(add("train-teacher", "train a teacher (safetensors + JSON)"))
+    opts.add_import_teacher_arguments(
+        add("import-teacher", "convert a RepDistiller/mdistiller teacher checkpoint")
+    )
 
     s = add(
         "student",
@@ -225,6 +230,28 @@ def _cmd_train_teacher(a: argparse.Namespace) -> int:
             f"{path}  test_accuracy={meta['test_accuracy']:.4f}  "
             f"({meta['train_seconds']:.1f} s, {meta['train_images_per_s']:.0f} img/s)"
         )
+    return 0
+
+
+def _cmd_import_teacher(a: argparse.Namespace) -> int:
+    opts.check_choice("arch", a.arch, opts.MODEL_NAMES)
+    if not Path(a.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {a.checkpoint} not found")
+    _writable(Path(a.out) / "teacher.json", "--out")
+    from .data import load_dataset
+    from .devices import resolve_device
+    from .import_teacher import import_teacher
+
+    try:
+        data = load_dataset(a.dataset, a.data_dir)
+    except FileNotFoundError as e:  # the import needs no data
+        print(f"test accuracy not measured: {e}", file=sys.stderr)
+        data = None
+    path = import_teacher(
+        a.arch, a.checkpoint, a.out, dataset=a.dataset, data=data, device=resolve_device(a.device)
+    )
+    accuracy = json.loads(path.with_suffix(".json").read_text())["test_accuracy"]
+    print(f"{path}  test_accuracy=" + ("not measured" if accuracy is None else f"{accuracy:.4f}"))
     return 0
 
 
@@ -387,6 +414,7 @@ def _cmd_prepare_data(a: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "quickstart": _cmd_quickstart,
     "train-teacher": _cmd_train_teacher,
+    "import-teacher": _cmd_import_teacher,
     "student": _cmd_student,
     "grid": _cmd_grid,
     "report": _cmd_report,

@@ -206,6 +206,28 @@ def add_train_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def add_import_teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    """``import-teacher``'s options (see ``reference_experiments.import_teacher``)."""
+    parser.add_argument(
+        "--arch", required=True, help="the checkpoint's model (" + ", ".join(MODEL_NAMES) + ")"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH.pth",
+        help="RepDistiller/mdistiller checkpoint ({'model': state_dict, ...} or a state dict)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="cifar100",
+        help="the data set it was trained on: cifar100, cifar10 or cifar10-jpeg "
+        "[default: cifar100]; its test accuracy is measured when the data are there",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    add_data_dir(parser)
+    add_device(parser, "auto")
+
+
 def check_choice(kind: str, value: str, choices: Iterable[str]) -> str:
     """``value`` if it is one of ``choices``, else the one-line ``ValueError`` of
     ``RunConfig.validate``."""

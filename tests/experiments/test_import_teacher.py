@@ -21,6 +21,7 @@ for folder in (ROOT, Path(__file__).resolve().parent):
 
 from repdistiller_models import MODEL_DICT  # noqa: E402
 
+from reference_experiments import __main__ as cli  # noqa: E402
 from reference_experiments.augment import preprocess_eval  # noqa: E402
 from reference_experiments.data import CIFAR100_MEAN, CIFAR100_STD, ImageDataset  # noqa: E402
 from reference_experiments.import_teacher import import_teacher, read_checkpoint  # noqa: E402
@@ -159,3 +160,18 @@ def test_test_accuracy_measured_when_data_given(tmp_path):
     _, meta = load_teacher(import_teacher("vgg8", source, tmp_path / "out", data=data))
     assert meta["test_accuracy"] == 0.5
 
+
+def test_cli_import_teacher(tmp_path, capsys):
+    source = _checkpoint(_repdistiller_teacher("resnet32"), tmp_path / "r32.pth")
+    out = tmp_path / "teachers"
+    argv = ["import-teacher", "--arch", "resnet32", "--checkpoint", str(source), "--out", str(out)]
+    rc = cli.main([*argv, "--dataset", "cifar100", "--data-dir", str(tmp_path / "no-data")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    [weights] = out.glob("*.safetensors")
+    assert str(weights) in captured.out and "not measured" in captured.out
+    _, meta = load_teacher(weights)
+    assert meta["arch"] == "resnet32" and meta["test_accuracy"] is None
+    rc = cli.main([*argv, "--arch", "resnet110", "--data-dir", str(tmp_path / "no-data")])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert rc == 2 and last.startswith("error: checkpoint does not fit the model: missing:")
