@@ -9,7 +9,10 @@ files are needed), and report student images per second:
   dataset that augments one image at a time, teacher logits cached one image at
   a time up front, ``.item()`` on the loss every step, one optimizer step per run;
 * ``ours``: :func:`reference_experiments.engine.train` on one run and on a stack
-  of ``--stack`` runs (seeds) sharing each step.
+  of ``--stack`` runs (seeds), as the engine runs them on this device, and with
+  the other choice of each measured rule of :mod:`reference_experiments.devices`
+  (vmapped stack or trials in turn; channels-last or not), so the JSON shows
+  the measurement behind the rule.
 
 ``python benchmarks/student_loop.py --device cuda --out benchmarks/results/student_loop-gpu.json``
 (CPU default: a small subset, for a smoke test). Ratios are side by side in one run.
@@ -18,6 +21,7 @@ files are needed), and report student images per second:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reference_experiments import engine  # noqa: E402
+from reference_experiments import devices, engine  # noqa: E402
 from reference_experiments.augment import augment  # noqa: E402
 from reference_experiments.config import RunConfig  # noqa: E402
 from reference_experiments.data import ImageDataset  # noqa: E402
@@ -130,6 +134,19 @@ def ours(ds: ImageDataset, student: str, device: torch.device, stack: int, epoch
     return row.train_images_per_s, row.stack_images_per_s
 
 
+@contextlib.contextmanager
+def flipped(rule: str, device: torch.device):
+    """The other choice of a :mod:`devices` rule (``VMAP_DEVICE_TYPES``,
+    ``CHANNELS_LAST_DEVICE_TYPES``) on ``device``, for the duration of the block."""
+    old = getattr(devices, rule)
+    kinds = set(old) ^ {device.type}
+    setattr(devices, rule, tuple(kinds))
+    try:
+        yield
+    finally:
+        setattr(devices, rule, old)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -153,15 +170,28 @@ def main(argv: list[str] | None = None) -> None:
         "subset": a.n,
         "official_images_per_s": official_loop(ds, a.student, device, a.steps),
     }
+    official = result["official_images_per_s"]
     one, _ = ours(ds, a.student, device, 1, a.epochs)
     per_run, stacked = ours(ds, a.student, device, a.stack, a.epochs)
+    with flipped("VMAP_DEVICE_TYPES", device):
+        _, stacked_other = ours(ds, a.student, device, a.stack, a.epochs)
+    with flipped("CHANNELS_LAST_DEVICE_TYPES", device):
+        one_other, _ = ours(ds, a.student, device, 1, a.epochs)
+    vmapped = devices.vmaps_stacks(device)
     result.update(
         ours_single_images_per_s=one,
+        ours_single_channels_last=device.type in devices.CHANNELS_LAST_DEVICE_TYPES,
+        ours_single_other_layout_images_per_s=one_other,
         ours_stack=a.stack,
+        ours_stack_vmapped=vmapped,
         ours_stack_images_per_s=stacked,
         ours_stack_per_run_images_per_s=per_run,
-        ratio_single_vs_official=one / result["official_images_per_s"],
-        ratio_stack_vs_official=stacked / result["official_images_per_s"],
+        ours_stack_other_runner_images_per_s=stacked_other,
+        ratio_single_vs_official=one / official,
+        ratio_stack_vs_official=stacked / official,
+        ratio_single_other_layout_vs_official=one_other / official,
+        ratio_stack_other_runner_vs_official=stacked_other / official,
+        load_average=os.getloadavg(),
     )
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,7 +1,7 @@
 """Batched on-device augmentation for uint8 NHWC image batches.
 
 ``augment`` = zero-pad by ``dataset.pad`` + random ``dataset.crop`` crop + random
-horizontal flip (not for digits), then normalise; ``preprocess_eval`` = centre crop +
+horizontal flip (where ``dataset.flip``), then normalise; ``preprocess_eval`` = centre crop +
 normalise. Both take a uint8 ``(N, H, W, C)`` tensor on any device and return the default
 float dtype (float32 unless changed), ``(N, C, crop, crop)``: channels-last memory layout
 on accelerators (a permuted view of NHWC data), contiguous NCHW on CPU (faster for CPU
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
     from .data import ImageDataset
 
 __all__ = ["augment", "crop_and_flip", "draw_crops", "normalize", "preprocess_eval"]
-
-
-def _flips(dataset: ImageDataset) -> bool:
-    return getattr(dataset, "flip", dataset.name != "digits")
 
 
 def normalize(x_uint8_nhwc: torch.Tensor, dataset: ImageDataset) -> torch.Tensor:
@@ -55,7 +51,7 @@ def draw_crops(
 ) -> torch.Tensor:
     """Random crop offsets and flips of ``n`` images, ``(n, 3)`` int64 ``(oy, ox, flip)``,
     drawn on the generator's device: uniform over all valid positions in the padded
-    frame (like ``RandomCrop``), flip with probability 1/2 unless digits."""
+    frame (like ``RandomCrop``), flip with probability 1/2 where ``dataset.flip``."""
     h, w = size
     crop, pad = int(dataset.crop), int(dataset.pad)
     if crop > h + 2 * pad or crop > w + 2 * pad:
@@ -63,7 +59,7 @@ def draw_crops(
     dev = generator.device if generator is not None else torch.device("cpu")
     oy = torch.randint(0, h + 2 * pad - crop + 1, (n,), device=dev, generator=generator)
     ox = torch.randint(0, w + 2 * pad - crop + 1, (n,), device=dev, generator=generator)
-    if _flips(dataset):
+    if dataset.flip:
         flip = (torch.rand((n,), device=dev, generator=generator) < 0.5).long()
     else:
         flip = torch.zeros((n,), dtype=torch.long, device=dev)
@@ -99,7 +95,7 @@ def augment(
     dataset: ImageDataset,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Random pad+crop (+ horizontal flip unless digits) and normalise a batch."""
+    """Random pad+crop (+ horizontal flip where ``dataset.flip``) and normalise a batch."""
     x = x_uint8_nhwc
     if x.dtype != torch.uint8 or x.dim() != 4:
         raise ValueError(f"expected uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")

@@ -22,7 +22,27 @@ import numpy as np
 
 from .rows import atomic_write_bytes
 
-_CACHE_VERSION = 1
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class SplitArrays:
+    """What a data set's loader returns: uint8 NHWC images and int64 labels per split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    split_seed: int | None = None  # the seed of a loader-made split (None: official)
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """One JPEG's bytes as a uint8 RGB ``(H, W, 3)`` array."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 class DataIntegrityError(ValueError):
@@ -57,14 +77,14 @@ def _shared_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class _DataDir:
+class DataDir:
     """The data directory in use and where it came from (for error messages)."""
 
     path: Path | None
     origin: str
 
     @classmethod
-    def resolve(cls, data_dir: str | os.PathLike | None) -> _DataDir:
+    def resolve(cls, data_dir: str | os.PathLike | None) -> DataDir:
         if data_dir is not None:
             return cls(Path(data_dir).expanduser(), "--data-dir")
         if os.environ.get("CKD_DATA_DIR"):
@@ -86,62 +106,19 @@ class _DataDir:
         return self.path / name
 
 
-#: Per dataset: (title, where it comes from, how to get it). ``{d}`` = the data dir,
-#: ``{shared}`` = the project's shared data folder.
-_SOURCES: dict[str, tuple[str, str, str]] = {
-    "cifar100": (
-        "CIFAR-100",
-        "the official CIFAR-100 python version (https://www.cs.toronto.edu/~kriz/cifar.html)",
-        "run torchvision.datasets.CIFAR100('{d}', download=True) on a machine with internet "
-        "access, or download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
-        "into {d} (extracting it is optional)",
-    ),
-    "cifar10": (
-        "CIFAR-10",
-        "the official CIFAR-10 python version (https://www.cs.toronto.edu/~kriz/cifar.html)",
-        "run torchvision.datasets.CIFAR10('{d}', download=True) on a machine with internet "
-        "access, or download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
-        "into {d} (extracting it is optional); or use --dataset cifar10-jpeg, the JPEG q75 "
-        "copy (folder cifar10-jpeg/ of {shared})",
-    ),
-    "cifar10-jpeg": (
-        "CIFAR-10 JPEG copy (cifar10-jpeg)",
-        "the project's JPEG q75 copy of CIFAR-10 (cifar10-jpeg.tar.xz + classes.txt, "
-        "see its README.md)",
-        "copy the folder {shared}/cifar10-jpeg into {d}; or use --dataset cifar10 with the "
-        "official archive (torchvision.datasets.CIFAR10(root, download=True) or "
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)",
-    ),
-    "cars64": (
-        "Stanford Cars 64-pixel training half (cars64)",
-        "the project's 64x64 copy of the 8,144 Stanford Cars training images "
-        "(cars-train64-jpeg.tar.xz + classes.txt, see its README.md)",
-        "copy the folder {shared}/stanford-cars-train64 into {d}; or rebuild it from "
-        "torchvision.datasets.StanfordCars's folder layout (stanford_cars/devkit + "
-        "cars_train, which torchvision no longer downloads: get it by hand, e.g. from "
-        "Kaggle) by cropping each training image to its box and resizing it to 64x64 as "
-        "that README describes",
-    ),
-    "digits": (
-        "scikit-learn digits",
-        "scikit-learn, which bundles them (nothing to download; --data-dir is not used)",
-        "pip install scikit-learn",
-    ),
-}
-
-
-def _not_found(name: str, searched: str, where: _DataDir) -> DatasetNotFoundError:
+def _not_found(name: str, searched: str, where: DataDir) -> DatasetNotFoundError:
     """One-line error: what was searched, where the data dir came from, how to get it."""
-    title, origin, how = _SOURCES[name]
+    from .datasets import dataset_spec
+
+    spec = dataset_spec(name)
     d = str(where.path) if where.path is not None else "<data dir>"
-    parts = [f"{title} not found"]
+    parts = [f"{spec.title} not found"]
     if searched:
         parts.append(f": {searched}")
-    if name != "digits":
+    if spec.uses_data_dir:
         parts.append(f"; {where.describe()}")
-    parts.append(
-        f"; it comes from {origin}; to get it, {how.format(d=d, shared=_shared_data_dir())}"
-    )
+    how = spec.how_to_get.format(d=d, shared=_shared_data_dir())
+    parts.append(f"; it comes from {spec.source}; to get it, {how}")
     return DatasetNotFoundError(re.sub(r"\s*[\r\n]+\s*", " ", "".join(parts)))  # one line
 
 
@@ -199,7 +176,7 @@ def _missing(folder: Path, names: Sequence[str]) -> list[str]:
     return [n for n in names if not (folder / n).is_file()]
 
 
-def _require_files(folder: Path, names: Sequence[str], name: str, where: _DataDir) -> None:
+def _require_files(folder: Path, names: Sequence[str], name: str, where: DataDir) -> None:
     missing = _missing(folder, names)
     if missing:
         raise _not_found(

@@ -22,7 +22,7 @@ __all__ = ["autocast", "prefers_channels_last", "resolve_device", "vmaps_stacks"
 #: device types whose stacks of trials step under ``vmap`` (measured faster there)
 VMAP_DEVICE_TYPES = ("cuda",)
 #: device types where convolutional models run channels-last (measured faster there)
-CHANNELS_LAST_DEVICE_TYPES = ("cuda",)
+CHANNELS_LAST_DEVICE_TYPES = ("cuda", "cpu")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

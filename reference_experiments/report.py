@@ -31,17 +31,10 @@ from typing import Any
 import numpy as np
 
 from .config import PRESETS, RunConfig
+from .datasets import dataset_title
 from .methods import registry
 from .protocol import best_on_validation
 from .rows import atomic_write_bytes, read_rows
-
-DATASET_NAMES = {
-    "cifar100": "CIFAR-100",
-    "cifar10": "CIFAR-10",
-    "cifar10-jpeg": "CIFAR-10 (JPEG q75 copy)",
-    "cars64": "Stanford Cars (training half, 64×64, seeded 80/20 split)",
-    "digits": "scikit-learn digits (8×8, 10 classes)",
-}
 
 #: config fields that vary inside one setting (one table / figure)
 _WITHIN = {"method", "budget", "seed", "lr", "weights"}
@@ -244,9 +237,9 @@ def default_targets(cv: Mapping[str, list[dict[str, float]]], n: int = 4) -> lis
 
 
 def dataset_note(dataset: str, paper_dataset: str | None = None) -> str:
-    used = DATASET_NAMES.get(dataset, dataset)
+    used = dataset_title(dataset)
     if paper_dataset and paper_dataset != dataset:
-        paper = DATASET_NAMES.get(paper_dataset, paper_dataset)
+        paper = dataset_title(paper_dataset)
         return (
             f"{used} — the paper uses {paper}, which cannot be obtained here, so these results "
             f"are on {used} instead (not directly comparable to the paper's numbers)"
@@ -458,9 +451,9 @@ def _save(fig, ax, key: tuple, rows, path, title: str) -> Path:
     ax.legend(fontsize=7, loc="best")
     caps = sorted({r["epoch_cap"] for r in rows if r.get("epoch_cap")})
     cap = f" (≤{'/'.join(map(str, caps))} epochs)" if caps else ""
-    used = DATASET_NAMES.get(d["dataset"], d["dataset"])
+    used = dataset_title(d["dataset"])
     if d["paper_dataset"] and d["paper_dataset"] != d["dataset"]:
-        used += f" (paper: {DATASET_NAMES.get(d['paper_dataset'], d['paper_dataset'])})"
+        used += f" (paper: {dataset_title(d['paper_dataset'])})"
     fig.text(0.01, 0.01, f"{used}; preset {d['preset']}{cap}; mean over seeds", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
@@ -584,7 +577,7 @@ def make_report(
     for key, grows in groups.items():
         grows = grows + family_rows(grows)
         slug, dataset = _slug(key), _setting(key)["dataset"]
-        md += [f"## {_title(key)} — {DATASET_NAMES.get(dataset, dataset)}", ""]
+        md += [f"## {_title(key)} — {dataset_title(dataset)}", ""]
         md += [f"- {n}" for n in setting_notes(key, grows, skipped.get(key, 0))] + [""]
         md += [table1(key, grows, targets), "", table2(key, grows), ""]
         png = plot_curves(key, grows, out / f"curves_{slug}.png")

@@ -31,7 +31,15 @@ from typing import ClassVar
 import ckd_torch
 import torch
 
-from .registry import Batch, Method, MethodContext, StudentFn, register
+from .registry import (
+    Batch,
+    Method,
+    MethodContext,
+    StudentFn,
+    register,
+    register_variant,
+    wrapped_permutations,
+)
 from .sampling import PoolCursor
 
 __all__ = [
@@ -87,10 +95,7 @@ class _TwoHalves(Comparative):
 
     def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
         ctx = self.ctx
-        total = ctx.steps_per_epoch * 2 * ctx.batch_size
-        reps = -(-total // ctx.n_train)
-        perms = [torch.randperm(ctx.n_train, generator=gen, device=gen.device) for _ in range(reps)]
-        return torch.cat(perms)[:total].view(ctx.steps_per_epoch, 2 * ctx.batch_size)
+        return wrapped_permutations(gen, ctx.n_train, ctx.steps_per_epoch, 2 * ctx.batch_size)
 
 
 @register
@@ -177,30 +182,25 @@ class OfficialGroups(Comparative):
         return torch.cat([s_pos, s_neg]).float(), (f_pos, f_neg)
 
 
-def _variant(base: type[Comparative], name: str, k: int, order: int, label: str, text: str):
-    attrs = {"name": name, "label": label, "description": text, "order": order, "k": k}
-    return register(type(f"{base.__name__}{k}", (base,), {**attrs, "__module__": __name__}))
-
-
-CKD_PN2 = _variant(
-    OfficialGroups, "ckd_pn2", 2, 100, "CKD (1 vs 1)", "official CKD: 1 vs 1 images, two passes"
+CKD_PN2 = register_variant(
+    OfficialGroups, "ckd_pn2", "CKD (1 vs 1)", "official CKD: 1 vs 1 images, two passes", 100, k=2
 )
-CKD_PN3 = _variant(
-    OfficialGroups, "ckd_pn3", 3, 101, "CKD (2 vs 1)", "official CKD: 2 vs 1 images, two passes"
+CKD_PN3 = register_variant(
+    OfficialGroups, "ckd_pn3", "CKD (2 vs 1)", "official CKD: 2 vs 1 images, two passes", 101, k=3
 )
-CKD_GROUPS2 = _variant(
+CKD_GROUPS2 = register_variant(
     RandomGroups,
     "ckd_groups2",
-    2,
-    120,
     "CKD (groups k=2)",
     "ours: CKD on overlapping 2-image group means",
+    120,
+    k=2,
 )
-CKD_GROUPS3 = _variant(
+CKD_GROUPS3 = register_variant(
     RandomGroups,
     "ckd_groups3",
-    3,
-    121,
     "CKD (groups k=3)",
     "ours: CKD on overlapping 3-image group means",
+    121,
+    k=3,
 )

@@ -19,7 +19,7 @@ import ckd_torch
 import torch
 import torch.nn.functional as F
 
-from .registry import Method, MethodContext, register
+from .registry import Method, MethodContext, register, register_variant
 from .sampling import class_balanced
 
 __all__ = ["CE", "DIST", "KD", "RKD", "ProjectedRKD", "WithKD"]
@@ -124,22 +124,15 @@ class ProjectedRKD(WithKD):
         return terms
 
 
-def _projected(k: int, order: int) -> type[ProjectedRKD]:
-    cls = type(
-        f"ProjectedRKD{k}",
-        (ProjectedRKD,),
-        {
-            "name": f"rkd_d{k}",
-            "label": f"RKD_{k}",
-            "description": f"CE + KD + projected RKD_d to {k} dims (paper Fig. 4)",
-            "order": order,
-            "out_dim": k,
-            "__module__": __name__,
-            "__doc__": f"RKD_d, K = {k}.",
-        },
-    )
-    return register(cls)
-
-
 #: K = 2, 5 for 10-class sets (where 10/50/100 project nothing away), 10/50/100 as the paper
-PROJECTED = {k: _projected(k, 80 + i) for i, k in enumerate((2, 5, 10, 50, 100))}
+PROJECTED = {
+    k: register_variant(
+        ProjectedRKD,
+        f"rkd_d{k}",
+        f"RKD_{k}",
+        f"CE + KD + projected RKD_d to {k} dims (paper Fig. 4)",
+        80 + i,
+        out_dim=k,
+    )
+    for i, k in enumerate((2, 5, 10, 50, 100))
+}

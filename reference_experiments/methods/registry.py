@@ -11,13 +11,16 @@ many runs can share one GPU step under ``torch.func.vmap``:
 2. :meth:`Method.step` -- the student's forward pass(es) on the augmented
    images and the loss: a pure function of (parameters, buffers, tensors).
 
-Registering is decorating the class with :func:`register`; the CLI, grid and
-report read :func:`names`, :func:`get` and the class attributes.
+Registering is decorating the class with :func:`register`; a variant of a
+registered family (other weights, group size, term, mixin) is one
+:func:`register_variant` call. The CLI, grid and report read :func:`names`,
+:func:`get` and the class attributes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
@@ -35,6 +38,8 @@ __all__ = [
     "get",
     "names",
     "register",
+    "register_variant",
+    "wrapped_permutations",
 ]
 
 Batch = dict[str, torch.Tensor]
@@ -108,13 +113,9 @@ class Method(nn.Module):
     def epoch_order(self, gen: torch.Generator) -> torch.Tensor:
         """``(steps, k)`` per-step draws for one epoch: here a random permutation
         of the cached images (wrapped), ``batch_size`` per step."""
-        ctx = self.ctx
-        total = ctx.steps_per_epoch * ctx.batch_size
-        perms = [
-            torch.randperm(ctx.n_train, generator=gen, device=gen.device)
-            for _ in range(math.ceil(total / ctx.n_train))
-        ]
-        return torch.cat(perms)[:total].view(ctx.steps_per_epoch, ctx.batch_size)
+        return wrapped_permutations(
+            gen, self.ctx.n_train, self.ctx.steps_per_epoch, self.ctx.batch_size
+        )
 
     def sample(self, gen: torch.Generator, draw: torch.Tensor) -> Batch:
         """One step's tensors from its row of :meth:`epoch_order`; ``"idx"`` are the
@@ -154,6 +155,17 @@ class Method(nn.Module):
         return total, {k: v.detach() for k, v in terms.items()}  # type: ignore[return-value]
 
 
+def wrapped_permutations(gen: torch.Generator, n: int, steps: int, width: int) -> torch.Tensor:
+    """``(steps, width)`` indices: random permutations of ``0..n-1``, concatenated
+    (a new one whenever the last runs out), cut into ``steps`` rows -- the epoch
+    order of every method that walks the cached images."""
+    total = steps * width
+    perms = [
+        torch.randperm(n, generator=gen, device=gen.device) for _ in range(math.ceil(total / n))
+    ]
+    return torch.cat(perms)[:total].view(steps, width)
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 M = TypeVar("M", bound=type[Method])
 
@@ -166,6 +178,24 @@ def register(cls: M) -> M:
         raise ValueError(f"method {cls.name!r} needs a label and a description")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def register_variant(
+    base: type[Method] | tuple[type[Method], ...],
+    name: str,
+    label: str,
+    description: str,
+    order: int,
+    **attributes: object,
+) -> type[Method]:
+    """Registers a subclass of ``base`` (a class, or mixins then a class) under ``name``
+    with these class attributes (e.g. ``k``, ``weights``, ``term_cls``)."""
+    bases = base if isinstance(base, tuple) else (base,)
+    class_name = "".join(p.capitalize() for p in re.split(r"[^0-9A-Za-z]+", name) if p)
+    attrs = {"name": name, "label": label, "description": description, "order": order}
+    namespace = {**attrs, **attributes, "__module__": bases[-1].__module__}
+    namespace["__doc__"] = f"{label}: {description}."
+    return register(type(class_name, bases, namespace))
 
 
 def names() -> list[str]:

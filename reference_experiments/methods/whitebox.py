@@ -33,24 +33,20 @@ from torch import nn
 from .comparative import OfficialGroups
 from .contrastive import CRDMixin
 from .logits import KD, WithKD
-from .registry import Batch, Method, MethodContext, StudentFn, register
+from .registry import Batch, Method, MethodContext, StudentFn, register_variant
 
 __all__ = [
     "CC",
-    "CCCKD",
-    "CCCRD",
     "CCTerm",
     "ConvReg",
     "FitNets",
-    "FitNetsCKD",
-    "FitNetsCRD",
     "HintTerm",
     "Term",
     "VID",
-    "VIDCKD",
-    "VIDCRD",
     "VIDLayer",
     "VIDTerm",
+    "WITH_CKD",
+    "WITH_CRD",
     "WhiteBox",
     "WhiteBoxCKD",
     "WhiteBoxKD",
@@ -269,88 +265,59 @@ _CKD = OfficialGroups.weights
 _NOT_OFFICIAL = "(ours: the official code cannot run white-box + CRD)"
 
 
-@register
-class FitNets(WhiteBoxKD):
-    name = "fitnets"
-    label = "FitNets"
-    description = "CE + KD + 100 MSE(ConvReg(f_s[2]), f_t[2]) (FitNets hint)"
-    order = 60
-    term_cls = HintTerm
-    weights = {**_KD, "fitnets": HintTerm.weight}
-
-
-@register
-class VID(WhiteBoxKD):
-    name = "vid"
-    label = "VID"
-    description = "CE + KD + 1 sum of VID Gaussian NLLs on layers 1..L-2"
-    order = 62
-    term_cls = VIDTerm
-    weights = {**_KD, "vid": VIDTerm.weight}
-
-
-@register
-class CC(WhiteBoxKD):
-    name = "cc"
-    label = "CC"
-    description = "CE + KD + 0.02 correlation congruence of 128-d penultimate embeddings"
-    order = 64
-    term_cls = CCTerm
-    weights = {**_KD, "cc": CCTerm.weight}
-
-
-@register
-class FitNetsCRD(CRDMixin, FitNets):
-    name = "fitnets+crd"
-    label = "FitNets+CRD"
-    description = f"FitNets + 0.8 CRD on logits {_NOT_OFFICIAL}"
-    order = 70
-    weights = {**FitNets.weights, "crd": 0.8}
-
-
-@register
-class VIDCRD(CRDMixin, VID):
-    name = "vid+crd"
-    label = "VID+CRD"
-    description = f"VID + 0.8 CRD on logits {_NOT_OFFICIAL}"
-    order = 72
-    weights = {**VID.weights, "crd": 0.8}
-
-
-@register
-class CCCRD(CRDMixin, CC):
-    name = "cc+crd"
-    label = "CC+CRD"
-    description = f"CC + 0.8 CRD on logits {_NOT_OFFICIAL}"
-    order = 74
-    weights = {**CC.weights, "crd": 0.8}
-
-
-@register
-class FitNetsCKD(WhiteBoxCKD):
-    name = "fitnets+ckd"
-    label = "FitNets+CKD"
-    description = "official InterCKD: CKD on 1 vs 1 pairs + 100 MSE(ConvReg(df_s[2]), df_t[2])"
-    order = 132
-    term_cls = HintTerm
-    weights = {**_CKD, "fitnets": HintTerm.weight}
-
-
-@register
-class VIDCKD(WhiteBoxCKD):
-    name = "vid+ckd"
-    label = "VID+CKD"
-    description = "official InterCKD: CKD on 1 vs 1 pairs + 1 VID on feature differences"
-    order = 134
-    term_cls = VIDTerm
-    weights = {**_CKD, "vid": VIDTerm.weight}
-
-
-@register
-class CCCKD(WhiteBoxCKD):
-    name = "cc+ckd"
-    label = "CC+CKD"
-    description = "official InterCKD: CKD on 1 vs 1 pairs + 0.02 CC of embedded differences"
-    order = 136
-    term_cls = CCTerm
-    weights = {**_CKD, "cc": CCTerm.weight}
+FitNets = register_variant(
+    WhiteBoxKD,
+    "fitnets",
+    "FitNets",
+    "CE + KD + 100 MSE(ConvReg(f_s[2]), f_t[2]) (FitNets hint)",
+    60,
+    term_cls=HintTerm,
+    weights={**_KD, "fitnets": HintTerm.weight},
+)
+VID = register_variant(
+    WhiteBoxKD,
+    "vid",
+    "VID",
+    "CE + KD + 1 sum of VID Gaussian NLLs on layers 1..L-2",
+    62,
+    term_cls=VIDTerm,
+    weights={**_KD, "vid": VIDTerm.weight},
+)
+CC = register_variant(
+    WhiteBoxKD,
+    "cc",
+    "CC",
+    "CE + KD + 0.02 correlation congruence of 128-d penultimate embeddings",
+    64,
+    term_cls=CCTerm,
+    weights={**_KD, "cc": CCTerm.weight},
+)
+#: ``X+crd``: ``X`` + 0.8 CRD on logits
+WITH_CRD = {
+    base.name: register_variant(
+        (CRDMixin, base),
+        f"{base.name}+crd",
+        f"{base.label}+CRD",
+        f"{base.label} + 0.8 CRD on logits {_NOT_OFFICIAL}",
+        base.order + 10,
+        weights={**base.weights, "crd": 0.8},
+    )
+    for base in (FitNets, VID, CC)
+}
+#: ``X+ckd``: the official InterCKD
+WITH_CKD = {
+    term.key: register_variant(
+        WhiteBoxCKD,
+        f"{term.key}+ckd",
+        f"{label}+CKD",
+        f"official InterCKD: CKD on 1 vs 1 pairs + {text}",
+        order,
+        term_cls=term,
+        weights={**_CKD, term.key: term.weight},
+    )
+    for term, label, order, text in (
+        (HintTerm, "FitNets", 132, "100 MSE(ConvReg(df_s[2]), df_t[2])"),
+        (VIDTerm, "VID", 134, "1 VID on feature differences"),
+        (CCTerm, "CC", 136, "0.02 CC of embedded differences"),
+    )
+}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reference_experiments import data, datafiles, rows  # noqa: E402
+from reference_experiments import data, data_cifar, datafiles, rows  # noqa: E402
 from reference_experiments.augment import augment, preprocess_eval  # noqa: E402
 from reference_experiments.data import (  # noqa: E402
     CARS_DUPLICATE_PAIRS,
@@ -32,6 +32,7 @@ from reference_experiments.data import (  # noqa: E402
     cars_split,
     load_dataset,
 )
+from reference_experiments.datasets import DATASETS  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -238,7 +239,7 @@ def test_cifar10_loader_on_generated_official_folder(tmp_path, monkeypatch):
     ds = load_dataset("cifar10", tmp_path)
     assert ds.name == "cifar10" and ds.num_classes == 10
     assert (ds.crop, ds.pad, ds.split_seed, ds.flip) == (32, 4, None, True)
-    assert (ds.mean, ds.std) == (data.CIFAR10_MEAN, data.CIFAR10_STD)
+    assert (ds.mean, ds.std) == (DATASETS["cifar10"].mean, DATASETS["cifar10"].std)
     assert ds.x_train.dtype == np.uint8 and ds.x_train.shape == (20, 32, 32, 3)
     assert ds.y_train.dtype == np.int64 and ds.x_test.shape == (6, 32, 32, 3)
     # batches 1..5 in order, channel order/layout as in the official files
@@ -450,7 +451,7 @@ def test_cifar10_jpeg_loader_and_cache(tmp_path, monkeypatch):
     cached[0].write_bytes(cached[0].read_bytes()[:100])
     np.testing.assert_array_equal(load_dataset("cifar10-jpeg", tmp_path / "data").x_test, ds.x_test)
     # second load comes from the cache (decoding would fail now)
-    monkeypatch.setattr(data, "_decode_jpeg", lambda b: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(data_cifar, "decode_jpeg", lambda b: (_ for _ in ()).throw(AssertionError))
     ds2 = load_dataset("cifar10-jpeg", tmp_path / "data")
     np.testing.assert_array_equal(ds2.x_train, ds.x_train)
 
@@ -466,7 +467,7 @@ def test_cifar10_jpeg_checksum_mismatch(tmp_path):
     not (REAL_CIFAR10 / "cifar10-jpeg.tar.xz").is_file(), reason="shared cifar10-jpeg not present"
 )
 def test_real_cifar10_jpeg_smoke():
-    digests = data._verify_sha256sums(REAL_CIFAR10, ["cifar10-jpeg.tar.xz", "classes.txt"])
+    digests = datafiles._verify_sha256sums(REAL_CIFAR10, ["cifar10-jpeg.tar.xz", "classes.txt"])
     assert len(digests) == 2
     classes = (REAL_CIFAR10 / "classes.txt").read_text().split()
     assert classes[:3] == ["airplane", "automobile", "bird"]
@@ -573,11 +574,13 @@ def test_default_data_dir_env(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------- augmentation
-def _toy(name="toy", crop=32, pad=4, h=32, c=3, n=16) -> ImageDataset:
+def _toy(name="toy", crop=32, pad=4, h=32, c=3, n=16, flip=True) -> ImageDataset:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(n, h, h, c), dtype=np.uint8)
     y = np.zeros(n, np.int64)
-    return ImageDataset(name, x, y, x, y, 10, (0.5,) * c, (0.25,) * c, crop=crop, pad=pad)
+    return ImageDataset(
+        name, x, y, x, y, 10, (0.5,) * c, (0.25,) * c, crop=crop, pad=pad, flip=flip
+    )
 
 
 def _reference_augment(x, ds, gen, flip_enabled=True):
@@ -607,7 +610,7 @@ def test_augment_matches_reference(kind):
     elif kind == "cars":
         ds = _toy("cars64", crop=56, pad=0, h=64)
     else:
-        ds = _toy("digits", crop=8, pad=1, h=8, c=1, n=64)
+        ds = _toy("digits", crop=8, pad=1, h=8, c=1, n=64, flip=False)
     x = torch.from_numpy(ds.x_train)
     out = augment(x, ds, torch.Generator().manual_seed(3))
     assert out.dtype == torch.float32 and out.shape == (len(x), ds.in_channels, ds.crop, ds.crop)
@@ -631,7 +634,7 @@ def test_augment_flips_and_pads():
 
 
 def test_digits_never_flipped():
-    ds = _toy("digits", crop=8, pad=0, h=8, c=1, n=64)
+    ds = _toy("digits", crop=8, pad=0, h=8, c=1, n=64, flip=False)
     x = torch.from_numpy(ds.x_train)
     torch.testing.assert_close(
         augment(x, ds, torch.Generator().manual_seed(0)), preprocess_eval(x, ds)
@@ -657,3 +660,34 @@ def test_augment_cuda_matches_cpu_with_cpu_generator():
     gpu = augment(x.cuda(), ds, torch.Generator().manual_seed(0))
     assert gpu.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+# --------------------------------------------------------------------------- registry
+def test_a_registered_data_set_is_loaded_augmented_and_explained_from_its_spec(monkeypatch):
+    from reference_experiments import datasets
+    from reference_experiments.datafiles import SplitArrays, _not_found
+
+    def load_toy(where, seed):
+        rng = np.random.default_rng(seed)
+        x = rng.integers(0, 256, size=(20, 6, 6, 1), dtype=np.uint8)
+        return SplitArrays(x[:16], np.arange(16) % 4, x[16:], np.arange(4), 4, split_seed=seed)
+
+    spec = datasets.DatasetSpec(
+        "toy", "Toy squares", load_toy, "a test", "call load_toy", 6, 4, crop=6, pad=0, flip=False
+    )
+    monkeypatch.setitem(datasets.DATASETS, "toy", spec)
+    ds = load_dataset("toy", seed=3)
+    assert (ds.crop, ds.pad, ds.flip, ds.split_seed, ds.num_classes) == (6, 0, False, 3, 4)
+    assert ds.mean == (float((ds.x_train / 255.0).mean()),)  # None in the spec: measured
+    x = torch.from_numpy(ds.x_train)
+    torch.testing.assert_close(augment(x, ds, torch.Generator()), preprocess_eval(x, ds))
+    msg = str(_not_found("toy", "", datafiles.DataDir(None, "the default")))
+    assert msg.startswith("Toy squares not found") and "call load_toy" in msg
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; choose from .*toy"):
+        load_dataset("nope")
+
+
+def test_data_module_exports_no_private_names():
+    private = [n for n in vars(data) if n.startswith("_") and not n.startswith("__")]
+    assert private == []
+    assert set(data.DATASET_NAMES) == {"cifar100", "cifar10", "cifar10-jpeg", "cars64", "digits"}

@@ -397,3 +397,39 @@ def test_weight_overrides():
         methods.build("kd", ctx(weights={"ckd_label": 1.0}))
     msg = str(err.value)
     assert "'kd'" in msg and "ckd_label" in msg and "'ce'" in msg and "'kd'" in msg.split(":")[-1]
+
+
+# --------------------------------------------------------------------------- declaring
+def test_a_variant_is_one_register_variant_call(monkeypatch):
+    from reference_experiments.methods import logits
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    cls = registry.register_variant(
+        logits.KD, "kd_half", "KD (half)", "KD at half weight", 11, weights={"ce": 1.0, "kd": 0.5}
+    )
+    assert methods.get("kd_half") is cls and issubclass(cls, logits.KD)
+    assert methods.describe()["kd_half"] == "KD at half weight"
+    assert methods.names().index("kd_half") == methods.names().index("kd") + 1
+    assert (cls.__name__, cls.label, cls.weights["kd"]) == ("KdHalf", "KD (half)", 0.5)
+    with pytest.raises(ValueError, match="taken"):
+        registry.register_variant(logits.KD, "kd_half", "x", "y", 22)
+
+
+def test_white_box_variants_are_declared_from_their_family():
+    from reference_experiments.methods import contrastive, whitebox
+
+    for base in ("fitnets", "vid", "cc"):
+        crd, ckd = methods.get(f"{base}+crd"), methods.get(f"{base}+ckd")
+        assert issubclass(crd, contrastive.CRDMixin) and issubclass(crd, methods.get(base))
+        assert crd.order == methods.get(base).order + 10 and crd.weights["crd"] == 0.8
+        assert issubclass(ckd, whitebox.WhiteBoxCKD) and ckd.term_cls.key == base
+
+
+def test_wrapped_permutations_walk_every_image_before_repeating():
+
+    order = registry.wrapped_permutations(
+        torch.Generator().manual_seed(0), 10, 3, 4
+    )  # 12 draws of 10
+    assert order.shape == (3, 4)
+    flat = order.flatten().tolist()
+    assert sorted(flat[:10]) == list(range(10)) and len(set(flat[10:])) == 2

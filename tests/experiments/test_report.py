@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 from reference_experiments import report  # noqa: E402
 from reference_experiments.config import RunConfig  # noqa: E402
+from reference_experiments.datasets import DATASETS  # noqa: E402
 from reference_experiments.rows import ResultRow, append_row  # noqa: E402
 
 SETTING = {
@@ -239,8 +240,8 @@ def test_dataset_stand_in_note():
     note = report.dataset_note("cifar10-jpeg", "cifar100")
     assert note.startswith("CIFAR-10 (JPEG q75 copy) — the paper uses CIFAR-100,")
     assert "cannot be obtained here" in note
-    assert report.dataset_note("cars64", "cars64") == report.DATASET_NAMES["cars64"]
-    assert report.dataset_note("digits", None) == report.DATASET_NAMES["digits"]
+    assert report.dataset_note("cars64", "cars64") == DATASETS["cars64"].title
+    assert report.dataset_note("digits", None) == DATASETS["digits"].title
 
 
 def test_fig5_table_and_spectrum_budget():

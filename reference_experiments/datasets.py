@@ -1,0 +1,193 @@
+"""The data set registry: one :class:`DatasetSpec` per data set.
+
+Loading (:func:`data.load_dataset`), the missing-data message
+(:class:`datafiles.DatasetNotFoundError`), augmentation (crop, pad, flip,
+mean/std) and the report's titles all read these specs. Adding a data set is
+one :func:`register_dataset` call here (with its loader) plus its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data_cars import load_cars64
+from .data_cifar import load_cifar10, load_cifar10_jpeg, load_cifar100
+from .datafiles import DataDir, SplitArrays, _not_found
+from .splits import stratified_group_split
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "dataset_names",
+    "dataset_spec",
+    "dataset_title",
+    "register_dataset",
+]
+
+#: ``loader(data dir, split seed) -> SplitArrays``
+Loader = Callable[[DataDir, int], SplitArrays]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A data set: how to load it, where it comes from, and how its images are shaped.
+
+    ``source``/``how_to_get`` fill the missing-data message (``{d}``: the data dir,
+    ``{shared}``: the project's shared data folder); ``image_size`` is the stored
+    size, ``crop`` the training random-crop and test centre-crop size after
+    ``pad`` pixels of zero padding; ``mean``/``std`` ``None``: measured on the
+    training split.
+    """
+
+    name: str
+    title: str
+    loader: Loader
+    source: str
+    how_to_get: str
+    image_size: int
+    classes: int
+    crop: int
+    pad: int
+    flip: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    uses_data_dir: bool = True
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Adds ``spec`` to the registry under its (unique) name."""
+    if spec.name in DATASETS:
+        raise ValueError(f"data set {spec.name!r} is already registered")
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {name!r}; choose from {', '.join(dataset_names())}"
+        ) from None
+
+
+def dataset_names() -> tuple[str, ...]:
+    return tuple(DATASETS)
+
+
+def dataset_title(name: str) -> str:
+    """The data set's title (the name itself for an unknown one)."""
+    spec = DATASETS.get(name)
+    return spec.title if spec is not None else name
+
+
+def load_digits(where: DataDir, seed: int) -> SplitArrays:
+    """scikit-learn's 8x8 digits (0..16 scaled to 0..255), seeded stratified 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        d = sklearn_digits()
+    except (ImportError, OSError) as exc:  # scikit-learn or its bundled files missing
+        raise _not_found("digits", f"{type(exc).__name__}: {exc}", where) from exc
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    tr, te = stratified_group_split(y, test_fraction=0.2, seed=seed)
+    return SplitArrays(x[tr], y[tr], x[te], y[te], 10, split_seed=seed)
+
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz"
+register_dataset(
+    DatasetSpec(
+        "cifar100",
+        "CIFAR-100",
+        load_cifar100,
+        f"the official CIFAR-100 python version ({CIFAR_URL}/cifar.html)",
+        "run torchvision.datasets.CIFAR100('{d}', download=True) on a machine with internet "
+        f"access, or download {CIFAR_URL}/cifar-100-python.tar.gz "
+        "into {d} (extracting it is optional)",
+        image_size=32,
+        classes=100,
+        crop=32,
+        pad=4,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "cifar10",
+        "CIFAR-10",
+        load_cifar10,
+        f"the official CIFAR-10 python version ({CIFAR_URL}/cifar.html)",
+        "run torchvision.datasets.CIFAR10('{d}', download=True) on a machine with internet "
+        f"access, or download {CIFAR_URL}/cifar-10-python.tar.gz "
+        "into {d} (extracting it is optional); or use --dataset cifar10-jpeg, the JPEG q75 "
+        "copy (folder cifar10-jpeg/ of {shared})",
+        image_size=32,
+        classes=10,
+        crop=32,
+        pad=4,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "cifar10-jpeg",
+        "CIFAR-10 (JPEG q75 copy)",
+        load_cifar10_jpeg,
+        "the project's JPEG q75 copy of CIFAR-10 (cifar10-jpeg.tar.xz + classes.txt, "
+        "see its README.md)",
+        "copy the folder {shared}/cifar10-jpeg into {d}; or use --dataset cifar10 with the "
+        "official archive (torchvision.datasets.CIFAR10(root, download=True) or "
+        f"{CIFAR_URL}/cifar-10-python.tar.gz)",
+        image_size=32,
+        classes=10,
+        crop=32,
+        pad=4,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "cars64",
+        "Stanford Cars (training half, 64×64, seeded 80/20 split)",
+        load_cars64,
+        "the project's 64x64 copy of the 8,144 Stanford Cars training images "
+        "(cars-train64-jpeg.tar.xz + classes.txt, see its README.md)",
+        "copy the folder {shared}/stanford-cars-train64 into {d}; or rebuild it from "
+        "torchvision.datasets.StanfordCars's folder layout (stanford_cars/devkit + "
+        "cars_train, which torchvision no longer downloads: get it by hand, e.g. from "
+        "Kaggle) by cropping each training image to its box and resizing it to 64x64 as "
+        "that README describes",
+        image_size=64,
+        classes=196,
+        crop=56,
+        pad=0,
+        # measured on all 8,144 64x64 images (shared folder README)
+        mean=(0.4022, 0.4001, 0.4211),
+        std=(0.2716, 0.2666, 0.2707),
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "digits",
+        "scikit-learn digits (8×8, 10 classes)",
+        load_digits,
+        "scikit-learn, which bundles them (nothing to download; --data-dir is not used)",
+        "pip install scikit-learn",
+        image_size=8,
+        classes=10,
+        crop=8,
+        pad=1,  # random one-pixel translations
+        flip=False,
+        uses_data_dir=False,
+    )
+)
