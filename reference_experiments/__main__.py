@@ -235,6 +235,7 @@ def _cmd_train_teacher(a: argparse.Namespace) -> int:
 
 def _cmd_import_teacher(a: argparse.Namespace) -> int:
     opts.check_choice("arch", a.arch, opts.MODEL_NAMES)
+    opts.check_choice("dataset", a.dataset, opts.IMPORT_DATASETS)
     if not Path(a.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {a.checkpoint} not found")
     _writable(Path(a.out) / "teacher.json", "--out")

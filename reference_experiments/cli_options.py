@@ -79,6 +79,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "vid+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 1 VID on feature differences",
     "cc+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 0.02 CC of embedded differences",
 }
+#: the data sets of RepDistiller's CIFAR teachers (``import-teacher --dataset``)
+IMPORT_DATASETS: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg")
 #: the names each RunConfig field may take, known without importing the engine
 RUN_CHOICES: dict[str, Sequence[str]] = {
     "dataset": DATASET_NAMES,
@@ -220,7 +222,7 @@ def add_import_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         default="cifar100",
-        help="the data set it was trained on: cifar100, cifar10 or cifar10-jpeg "
+        help="the data set it was trained on (" + ", ".join(IMPORT_DATASETS) + ") "
         "[default: cifar100]; its test accuracy is measured when the data are there",
     )
     parser.add_argument("--out", required=True, help="output folder")

@@ -26,14 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cli_options import IMPORT_DATASETS
 from .data import ImageDataset
+from .datasets import dataset_spec
 from .models import MODEL_NAMES, create_model
 from .teacher import FORMAT_VERSION, evaluate, save_teacher
 
-__all__ = ["IMPORT_DATASETS", "import_teacher", "read_checkpoint", "repdistiller_key"]
-
-#: the data sets RepDistiller's CIFAR teachers are trained on, and their class counts
-IMPORT_DATASETS: dict[str, int] = {"cifar100": 100, "cifar10": 10, "cifar10-jpeg": 10}
+__all__ = ["import_teacher", "read_checkpoint", "repdistiller_key"]
 
 _RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(block\d+)\.layer\.(\d+)\."), r"\1.\2."),
@@ -117,7 +116,8 @@ def import_teacher(
         raise ValueError(f"data set {data.name!r} given to measure a {dataset!r} teacher")
     source = Path(checkpoint)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    model = create_model(arch, IMPORT_DATASETS[dataset])
+    num_classes = dataset_spec(dataset).classes
+    model = create_model(arch, num_classes)
     model.load_state_dict(_matched_state(model, read_checkpoint(source)), strict=True)
     model.eval()
     accuracy = None
@@ -127,7 +127,7 @@ def import_teacher(
         "format": FORMAT_VERSION,
         "arch": arch,
         "dataset": dataset,
-        "num_classes": IMPORT_DATASETS[dataset],
+        "num_classes": num_classes,
         "in_channels": 3,
         "split_seed": None,
         "recipe": "repdistiller",

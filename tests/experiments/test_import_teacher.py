@@ -23,7 +23,8 @@ from repdistiller_models import MODEL_DICT  # noqa: E402
 
 from reference_experiments import __main__ as cli  # noqa: E402
 from reference_experiments.augment import preprocess_eval  # noqa: E402
-from reference_experiments.data import CIFAR100_MEAN, CIFAR100_STD, ImageDataset  # noqa: E402
+from reference_experiments.data import ImageDataset  # noqa: E402
+from reference_experiments.datasets import dataset_spec  # noqa: E402
 from reference_experiments.import_teacher import import_teacher, read_checkpoint  # noqa: E402
 from reference_experiments.teacher import load_teacher  # noqa: E402
 
@@ -142,7 +143,9 @@ def _tiny_cifar100(n: int = 16) -> ImageDataset:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 100, n).astype(np.int64)
-    return ImageDataset("cifar100", x, y, x, y, 100, CIFAR100_MEAN, CIFAR100_STD, crop=32, pad=4)
+    spec = dataset_spec("cifar100")
+    assert spec.mean is not None and spec.std is not None
+    return ImageDataset("cifar100", x, y, x, y, 100, spec.mean, spec.std, crop=32, pad=4)
 
 
 def test_test_accuracy_measured_when_data_given(tmp_path):
@@ -175,3 +178,6 @@ def test_cli_import_teacher(tmp_path, capsys):
     rc = cli.main([*argv, "--arch", "resnet110", "--data-dir", str(tmp_path / "no-data")])
     last = capsys.readouterr().err.splitlines()[-1]
     assert rc == 2 and last.startswith("error: checkpoint does not fit the model: missing:")
+    rc = cli.main([*argv, "--dataset", "cars64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: unknown dataset 'cars64'; choose from cifar100,")
