@@ -81,13 +81,17 @@ def test_imported_teacher_matches_repdistiller_model(arch, tmp_path):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_bare_state_dict_and_last_checkpoint_with_options(tmp_path):
+def test_bare_legacy_format_and_last_checkpoint_with_options(tmp_path):
+    """A bare state dict; the pre-1.6 file format (RepDistiller's released teachers date
+    from 2019); a ``*_last.pth`` holding the run's ``argparse.Namespace``."""
     reference = _repdistiller_teacher("wrn_16_2")
-    bare = tmp_path / "bare.pth"
-    torch.save(reference.state_dict(), bare)
-    last = _checkpoint(reference, tmp_path / "wrn_16_2_last.pth", opt=argparse.Namespace(lr=0.05))
     want = reference.state_dict()
-    for source in (bare, last):
+    bare = tmp_path / "bare.pth"
+    torch.save(want, bare)
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"epoch": 240, "model": want}, legacy, _use_new_zipfile_serialization=False)
+    last = _checkpoint(reference, tmp_path / "wrn_16_2_last.pth", opt=argparse.Namespace(lr=0.05))
+    for source in (bare, legacy, last):
         state = read_checkpoint(source)
         assert len(state) == len(want)
         path = import_teacher("wrn_16_2", source, tmp_path / source.stem)
