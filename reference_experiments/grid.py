@@ -46,6 +46,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from .config import GRID_AXES, RunConfig
 from .rows import ResultRow, append_row, finished_ids
+from .teacher_spec import TeacherSpec
 
 __all__ = [
     "Runner",
@@ -112,6 +113,11 @@ def parse_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     for key, t in cfg["teachers"].items():
         if "arch" not in t or ("path" not in t and "train_epochs" not in t):
             raise ValueError(f"teacher {key!r} needs 'arch' and one of 'path', 'train_epochs'")
+        if "path" not in t:
+            try:
+                TeacherSpec.from_grid(t, cfg["defaults"].get("dataset", "digits"))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"teacher {key!r}: {e}") from None
     return cfg
 
 
@@ -198,16 +204,8 @@ class Teachers:
             if found:
                 return found[0]
         print(f"training teacher {run.teacher_key} -> {out_dir}", file=sys.stderr)
-        kw = {k: t[k] for k in ("lr", "batch_size", "label_smoothing", "warmup_epochs") if k in t}
-        return train_teacher(
-            t["arch"],
-            dataset,
-            epochs=int(t["train_epochs"]),
-            seed=int(t.get("seed", 0)),
-            out_dir=out_dir,
-            device=self.device,
-            **kw,
-        )
+        spec = TeacherSpec.from_grid(t, dataset.name)
+        return train_teacher(spec, dataset, out_dir=out_dir, device=self.device)
 
 
 def run_grid(

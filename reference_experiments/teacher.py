@@ -1,12 +1,12 @@
 """Teacher training, evaluation and safe (non-pickle) save/load.
 
-``train_teacher`` trains with SGD (momentum 0.9, weight decay 5e-4, per-step cosine
-schedule), batched on-device augmentation, and bf16 autocast + channels-last on CUDA,
-then writes ``<out_dir>/<name>.safetensors`` and ``<name>.json`` atomically. The JSON
-records arch, dataset, num_classes, in_channels, split_seed, epochs, seed,
-test_accuracy (fraction in [0, 1]) and the sha256 of the safetensors file.
-``load_teacher`` verifies that sha256 before loading with safetensors; nothing is
-ever unpickled.
+``train_teacher`` trains a :class:`TeacherSpec` with SGD (the preset's momentum and
+weight decay, per-step cosine schedule), batched on-device augmentation, and bf16
+autocast + channels-last on CUDA, then writes ``<out_dir>/<name>.safetensors`` and
+``<name>.json`` atomically. The JSON records arch, dataset, num_classes,
+in_channels, split_seed, epochs, seed, test_accuracy (fraction in [0, 1]) and the
+sha256 of the safetensors file. ``load_teacher`` verifies that sha256 before
+loading with safetensors; nothing is ever unpickled.
 
 CLI (dispatched by ``python -m reference_experiments train-teacher``)::
 
@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,11 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import augment, preprocess_eval
-from .data import DATASET_NAMES, ImageDataset, load_dataset
+from .data import ImageDataset, load_dataset
 from .devices import autocast as _autocast
 from .devices import resolve_device as _resolve_device
-from .models import MODEL_NAMES, create_model
+from .models import create_model
 from .rows import atomic_write_bytes
+from .teacher_spec import TeacherSpec, add_teacher_arguments
 
 __all__ = ["evaluate", "load_teacher", "main", "teacher_name", "train_teacher"]
 
@@ -159,65 +161,26 @@ def load_teacher(
     return model, meta
 
 
-def train_teacher(
-    arch: str,
-    dataset: ImageDataset,
-    *,
-    epochs: int,
-    seed: int,
-    out_dir: str | Path,
-    device: str | torch.device = "cpu",
-    batch_size: int = 128,
-    lr: float = 0.05,
-    label_smoothing: float = 0.0,
-    warmup_epochs: float = 0.0,
-    progress: bool = True,
-) -> Path:
-    """Train ``arch`` on ``dataset``, save it, return the ``.safetensors`` path.
+@dataclass
+class _TeacherRun:
+    """One teacher's training state: the model (and its DDP wrapper), data on the
+    device, generators, optimiser and lr schedule."""
 
-    One epoch = ``len(x_train) // batch_size`` steps over a fresh seeded permutation
-    (the incomplete last batch is dropped); lr rises linearly over ``warmup_epochs``
-    then follows a per-step cosine from ``lr`` to 0 (Nesterov momentum when warming
-    up); cross-entropy with ``label_smoothing``. Data stay as uint8 on ``device``;
-    augmentation is batched there.
-    """
-    if epochs < 0:
-        raise ValueError("epochs must be >= 0")
-    from . import distributed as rdist
+    model: nn.Module
+    net: nn.Module
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    batch_size: int
+    steps_per_epoch: int
+    gen: torch.Generator
+    perm_gen: torch.Generator
+    opt: torch.optim.SGD
+    sched: torch.optim.lr_scheduler.LambdaLR
+    loss_scale: float
 
-    rdist.init_from_env()
-    world, rank = rdist.world_size(), rdist.rank()
-    dev = rdist.device_for(_resolve_device(device))  # cuda -> cuda:LOCAL_RANK under torchrun
-    cuda = dev.type == "cuda"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = create_model(arch, dataset.num_classes, dataset.in_channels)
-    model.to(dev)
-    if cuda:
-        # torch's stubs lack Module.to(memory_format=...), which exists at runtime
-        cast(Any, model).to(memory_format=torch.channels_last)
-    x_train = torch.from_numpy(dataset.x_train).to(dev)
-    y_train = torch.from_numpy(dataset.y_train).to(dev)
-    n = len(y_train)
-    bs = max(1, min(batch_size, n))
-    steps_per_epoch = n // bs
-    total = max(1, epochs * steps_per_epoch)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    perm_gen, net = gen, model
-    if world > 1:  # same permutation everywhere, per-rank augmentation
-        perm_gen = torch.Generator(device=dev).manual_seed(seed)
-        gen.manual_seed(seed + 1_000_003 * rank)
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[dev.index] if cuda else None)
-    if bs < world:
-        raise ValueError(f"batch_size {bs} < world size {world}")
-    # DDP averages per-rank gradients: weigh a shard of n_r of bs rows by n_r * world / bs
-    loss_scale = rdist.shard_size(bs) * world / bs
-    warm = int(warmup_epochs * steps_per_epoch)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=warm > 0
-    )
+def _cosine_after_warmup(warm: int, total: int):
+    """lr factor at a step: linear over ``warm`` steps, then a cosine to 0 at ``total``."""
 
     def factor(step: int) -> float:
         if step < warm:
@@ -225,78 +188,152 @@ def train_teacher(
         done = min(step - warm, total - warm) / max(1, total - warm)
         return 0.5 * (1.0 + math.cos(math.pi * done))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor
 
+
+def _start(spec: TeacherSpec, dataset: ImageDataset, dev: torch.device) -> _TeacherRun:
+    """Model (seeded init), data, generators, DDP wrapper (under torchrun) and SGD."""
+    from . import distributed as rdist
+
+    world, rank = rdist.world_size(), rdist.rank()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = create_model(spec.arch, dataset.num_classes, dataset.in_channels)
+    model.to(dev)
+    if dev.type == "cuda":
+        # torch's stubs lack Module.to(memory_format=...), which exists at runtime
+        cast(Any, model).to(memory_format=torch.channels_last)
+    n = len(dataset.y_train)
+    bs = max(1, min(spec.batch_size, n))
+    steps_per_epoch = n // bs
+    gen = torch.Generator(device=dev).manual_seed(spec.seed)
+    perm_gen, net = gen, model
+    if world > 1:  # same permutation everywhere, per-rank augmentation
+        perm_gen = torch.Generator(device=dev).manual_seed(spec.seed)
+        gen.manual_seed(spec.seed + 1_000_003 * rank)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if bs < world:
+        raise ValueError(f"batch_size {bs} < world size {world}")
+    warm = int(spec.warmup_epochs * steps_per_epoch)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=spec.lr,
+        momentum=spec.momentum,
+        weight_decay=spec.weight_decay,
+        nesterov=warm > 0,
+    )
+    total = max(1, spec.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_after_warmup(warm, total))
+    return _TeacherRun(
+        model,
+        net,
+        torch.from_numpy(dataset.x_train).to(dev),
+        torch.from_numpy(dataset.y_train).to(dev),
+        bs,
+        steps_per_epoch,
+        gen,
+        perm_gen,
+        opt,
+        sched,
+        # DDP averages per-rank gradients: weigh a shard of n_r of bs rows by n_r * world / bs
+        loss_scale=rdist.shard_size(bs) * world / bs,
+    )
+
+
+def _epoch(run: _TeacherRun, spec: TeacherSpec, dataset: ImageDataset) -> tuple[float, float]:
+    """One epoch over a fresh seeded permutation (the incomplete last batch dropped);
+    ``(mean loss, training accuracy)`` over all ranks' rows."""
+    from . import distributed as rdist
+
+    dev, bs = run.x_train.device, run.batch_size
+    perm = torch.randperm(len(run.y_train), device=dev, generator=run.perm_gen)
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    for s in range(run.steps_per_epoch):
+        idx = rdist.shard(perm[s * bs : (s + 1) * bs])
+        xb = augment(run.x_train[idx], dataset, run.gen)
+        yb = run.y_train[idx]
+        with _autocast(dev):
+            logits = run.net(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=spec.label_smoothing)
+        run.opt.zero_grad(set_to_none=True)
+        (loss * run.loss_scale if run.loss_scale != 1.0 else loss).backward()
+        run.opt.step()
+        run.sched.step()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == yb).sum()
+    world = rdist.world_size()
+    if world > 1:  # all ranks' rows (one all-reduce per epoch)
+        loss_sum = rdist.sum_over_ranks(loss_sum * run.loss_scale) / world
+        correct = rdist.sum_over_ranks(correct)
+    steps = max(1, run.steps_per_epoch)
+    return loss_sum.item() / steps, correct.item() / (steps * bs)
+
+
+def train_teacher(
+    spec: TeacherSpec,
+    dataset: ImageDataset,
+    *,
+    out_dir: str | Path,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Trains the teacher ``spec`` describes on ``dataset``, saves it, returns the
+    ``.safetensors`` path.
+
+    One epoch = ``len(x_train) // batch_size`` steps over a fresh seeded permutation;
+    lr rises linearly over ``warmup_epochs`` then follows a per-step cosine from ``lr``
+    to 0; cross-entropy with ``label_smoothing``. Data stay as uint8 on ``device``;
+    augmentation is batched there.
+    """
+    from . import distributed as rdist
+
+    spec.validate()
+    rdist.init_from_env()
+    dev = rdist.device_for(_resolve_device(device))  # cuda -> cuda:LOCAL_RANK under torchrun
+    run = _start(spec, dataset, dev)
     bar = None
     if progress and rdist.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs, desc=f"teacher {arch}/{dataset.name}", unit="epoch")
+        bar = tqdm(total=spec.epochs, desc=f"teacher {spec.arch}/{dataset.name}", unit="epoch")
     t0 = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, device=dev, generator=perm_gen)
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
-        for s in range(steps_per_epoch):
-            idx = rdist.shard(perm[s * bs : (s + 1) * bs])
-            xb = augment(x_train[idx], dataset, gen)
-            yb = y_train[idx]
-            with _autocast(dev):
-                logits = net(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(1) == yb).sum()
-        if world > 1:  # all ranks' rows (one all-reduce per epoch)
-            loss_sum = rdist.sum_over_ranks(loss_sum * loss_scale) / world
-            correct = rdist.sum_over_ranks(correct)
+    run.model.train()
+    for _ in range(spec.epochs):
+        loss, train_acc = _epoch(run, spec, dataset)
         if bar is not None:
-            seen = steps_per_epoch * bs
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / steps_per_epoch:.3f}",
-                train_acc=f"{correct.item() / seen:.3f}",
-                lr=f"{sched.get_last_lr()[0]:.4f}",
-            )
+            lr = run.sched.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss:.3f}", train_acc=f"{train_acc:.3f}", lr=f"{lr:.4f}")
             bar.update(1)
-    if cuda:
+    if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    train_seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    path = Path(out_dir) / f"{teacher_name(arch, dataset, epochs, seed)}.safetensors"
+    name = teacher_name(spec.arch, dataset, spec.epochs, spec.seed)
     if not rdist.is_main():  # rank 0 evaluates and saves
         rdist.barrier()
-        return path
-    acc = evaluate(model, dataset, dev)
+        return Path(out_dir) / f"{name}.safetensors"
     meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
-        "arch": arch,
+        **spec.metadata(run.batch_size),
         "dataset": dataset.name,
         "num_classes": int(dataset.num_classes),
         "in_channels": int(dataset.in_channels),
         "split_seed": dataset.split_seed,
-        "epochs": int(epochs),
-        "seed": int(seed),
-        "batch_size": bs,
-        "lr": float(lr),
-        "schedule": "cosine-per-step",
-        "label_smoothing": float(label_smoothing),
-        "warmup_epochs": float(warmup_epochs),
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "test_accuracy": acc,
-        "train_seconds": round(train_seconds, 3),
-        "train_images_per_s": round(epochs * steps_per_epoch * bs / max(train_seconds, 1e-9), 1),
+        "test_accuracy": evaluate(run.model, dataset, dev),
+        "train_seconds": round(seconds, 3),
+        "train_images_per_s": round(
+            spec.epochs * run.steps_per_epoch * run.batch_size / max(seconds, 1e-9), 1
+        ),
         "device": str(dev),
         "torch": torch.__version__,
     }
-    if world > 1:
-        meta["world_size"] = world
-    path = save_teacher(model, out_dir, teacher_name(arch, dataset, epochs, seed), meta)
+    if rdist.world_size() > 1:
+        meta["world_size"] = rdist.world_size()
+    path = save_teacher(run.model, out_dir, name, meta)
     rdist.barrier()
     return path
 
@@ -309,34 +346,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m reference_experiments train-teacher",
         description="Train a teacher; save safetensors weights + JSON metadata.",
     )
-    p.add_argument("--arch", required=True, choices=MODEL_NAMES)
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--data-dir", default=None, help="data root (default: $CKD_DATA_DIR)")
-    p.add_argument(
-        "--split-seed",
-        type=int,
-        default=0,
-        help="seed of the train/test split for cars64/digits (default 0)",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--no-progress", action="store_true")
+    add_teacher_arguments(p)
     args = p.parse_args(argv)
-    dataset = load_dataset(args.dataset, args.data_dir, seed=args.split_seed)
+    spec = TeacherSpec.from_arguments(args)
+    dataset = load_dataset(spec.dataset, args.data_dir, seed=spec.split_seed)
     path = train_teacher(
-        args.arch,
-        dataset,
-        epochs=args.epochs,
-        seed=args.seed,
-        out_dir=args.out,
-        device=args.device,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        progress=not args.no_progress,
+        spec, dataset, out_dir=args.out, device=args.device, progress=not args.no_progress
     )
     from . import distributed as rdist
 

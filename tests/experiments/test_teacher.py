@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -19,6 +20,11 @@ if str(ROOT) not in sys.path:
 
 from reference_experiments import teacher  # noqa: E402
 from reference_experiments.data import load_dataset  # noqa: E402
+from reference_experiments.teacher_spec import (  # noqa: E402
+    GRID_TEACHER_KEYS,
+    TeacherSpec,
+    add_teacher_arguments,
+)
 
 torch.set_num_threads(1)
 
@@ -31,9 +37,8 @@ def digits():
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("teachers")
-    path = teacher.train_teacher(
-        "digits_cnn", digits, epochs=1, seed=0, out_dir=out, progress=False
-    )
+    spec = TeacherSpec("digits_cnn", "digits", epochs=1)
+    path = teacher.train_teacher(spec, digits, out_dir=out, progress=False)
     return path
 
 
@@ -108,9 +113,8 @@ def test_load_round_trip_without_pickle(trained, digits, monkeypatch):
 
 
 def test_training_is_seeded(trained, digits, tmp_path):
-    again = teacher.train_teacher(
-        "digits_cnn", digits, epochs=1, seed=0, out_dir=tmp_path, progress=False
-    )
+    spec = TeacherSpec("digits_cnn", "digits", epochs=1, seed=0)
+    again = teacher.train_teacher(spec, digits, out_dir=tmp_path, progress=False)
     assert again.name == trained.name
     assert again.read_bytes() == trained.read_bytes()
 
@@ -200,3 +204,39 @@ def test_foreign_safetensors_without_json_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a teacher saved by this package"):
         teacher.load_teacher(tmp_path / "other.safetensors")
+
+
+# --------------------------------------------------------------------------- the spec
+def test_teacher_spec_derives_cli_grid_keys_and_metadata(monkeypatch):
+    import argparse
+
+    from reference_experiments import config
+
+    p = argparse.ArgumentParser()
+    add_teacher_arguments(p)
+    ns = p.parse_args("--arch digits_cnn --dataset digits --epochs 3 --lr 0.1 --out o".split())
+    spec = TeacherSpec.from_arguments(ns)
+    assert spec == TeacherSpec("digits_cnn", "digits", epochs=3, lr=0.1)
+    assert spec == TeacherSpec.from_grid(
+        {"arch": "digits_cnn", "train_epochs": 3, "lr": 0.1}, "digits"
+    )
+    assert set(GRID_TEACHER_KEYS) >= {"arch", "train_epochs", "seed", "lr", "warmup_epochs"}
+    with pytest.raises(ValueError, match="unknown keys \\['epochs'\\]"):
+        TeacherSpec.from_grid({"arch": "digits_cnn", "epochs": 3}, "digits")
+    # the optimiser comes from the preset
+    slow = config.Preset("slow", "plateau", max_epochs=1, momentum=0.5, weight_decay=1e-3)
+    monkeypatch.setitem(config.PRESETS, "slow", slow)
+    meta = TeacherSpec("digits_cnn", "digits", epochs=1, preset="slow").metadata(64)
+    assert (meta["momentum"], meta["weight_decay"], meta["batch_size"]) == (0.5, 1e-3, 64)
+
+
+def test_teacher_options_import_without_torch():
+    import subprocess
+
+    code = (
+        "import sys, argparse; from reference_experiments import teacher_spec; "
+        "teacher_spec.add_teacher_arguments(argparse.ArgumentParser()); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
