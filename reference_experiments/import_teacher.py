@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import pickle
 import re
 from pathlib import Path
@@ -47,12 +48,14 @@ def repdistiller_key(name: str) -> str:
     return name
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict in a ``{'model': state_dict, ...}`` checkpoint or a bare state dict,
-    read without unpickling anything but tensors, containers and ``argparse.Namespace``."""
+    read without unpickling anything but tensors, containers and ``argparse.Namespace``,
+    and the sha256 of the bytes read."""
+    blob = Path(path).read_bytes()
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(
@@ -62,7 +65,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: neither a state dict nor a dict with a 'model' state dict")
-    return {str(k): v for k, v in state.items()}
+    return {str(k): v for k, v in state.items()}, hashlib.sha256(blob).hexdigest()
 
 
 def _matched_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,10 +118,10 @@ def import_teacher(
     if data is not None and data.name != dataset:
         raise ValueError(f"data set {data.name!r} given to measure a {dataset!r} teacher")
     source = Path(checkpoint)
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
     num_classes = dataset_spec(dataset).classes
     model = create_model(arch, num_classes)
-    model.load_state_dict(_matched_state(model, read_checkpoint(source)), strict=True)
+    state, digest = read_checkpoint(source)
+    model.load_state_dict(_matched_state(model, state), strict=True)
     model.eval()
     accuracy = None
     if data is not None:

@@ -92,8 +92,9 @@ def test_bare_legacy_format_and_last_checkpoint_with_options(tmp_path):
     torch.save({"epoch": 240, "model": want}, legacy, _use_new_zipfile_serialization=False)
     last = _checkpoint(reference, tmp_path / "wrn_16_2_last.pth", opt=argparse.Namespace(lr=0.05))
     for source in (bare, legacy, last):
-        state = read_checkpoint(source)
+        state, digest = read_checkpoint(source)
         assert len(state) == len(want)
+        assert digest == hashlib.sha256(source.read_bytes()).hexdigest()
         path = import_teacher("wrn_16_2", source, tmp_path / source.stem)
         model, _ = load_teacher(path)
         torch.testing.assert_close(
