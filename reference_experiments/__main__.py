@@ -239,15 +239,17 @@ def _cmd_import_teacher(a: argparse.Namespace) -> int:
     if not Path(a.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {a.checkpoint} not found")
     _writable(Path(a.out) / "teacher.json", "--out")
-    from .data import load_dataset
+    from .data import ImageDataset, load_dataset
     from .devices import resolve_device
     from .import_teacher import import_teacher
 
-    try:
-        data = load_dataset(a.dataset, a.data_dir)
-    except FileNotFoundError as e:  # the import needs no data
-        print(f"test accuracy not measured: {e}", file=sys.stderr)
-        data = None
+    def data() -> ImageDataset | None:
+        try:
+            return load_dataset(a.dataset, a.data_dir)
+        except FileNotFoundError as e:  # the import needs no data
+            print(f"test accuracy not measured: {e}", file=sys.stderr)
+            return None
+
     path = import_teacher(
         a.arch, a.checkpoint, a.out, dataset=a.dataset, data=data, device=resolve_device(a.device)
     )

@@ -21,6 +21,7 @@ import hashlib
 import io
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,14 @@ def import_teacher(
     out_dir: str | Path,
     *,
     dataset: str = "cifar100",
-    data: ImageDataset | None = None,
+    data: Callable[[], ImageDataset | None] | None = None,
     device: str | torch.device = "cpu",
 ) -> Path:
     """Convert ``checkpoint`` to ``<out_dir>/<arch>_<dataset>_repdistiller_<sha12>``
     (safetensors + JSON); returns the ``.safetensors`` path.
 
-    ``test_accuracy`` is measured on ``data`` (the loaded ``dataset``) when given, else
-    recorded as None.
+    ``data`` is called once the checkpoint fits the model; ``test_accuracy`` is measured
+    on the data set it returns (``dataset``), else recorded as None.
     """
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(MODEL_NAMES)}")
@@ -115,17 +116,18 @@ def import_teacher(
         raise ValueError(
             f"dataset {dataset!r}: RepDistiller teachers are for {', '.join(IMPORT_DATASETS)}"
         )
-    if data is not None and data.name != dataset:
-        raise ValueError(f"data set {data.name!r} given to measure a {dataset!r} teacher")
     source = Path(checkpoint)
     num_classes = dataset_spec(dataset).classes
     model = create_model(arch, num_classes)
     state, digest = read_checkpoint(source)
     model.load_state_dict(_matched_state(model, state), strict=True)
     model.eval()
+    loaded = data() if data is not None else None
     accuracy = None
-    if data is not None:
-        accuracy = evaluate(model.to(device), data, device)
+    if loaded is not None:
+        if loaded.name != dataset:
+            raise ValueError(f"data set {loaded.name!r} given to measure a {dataset!r} teacher")
+        accuracy = evaluate(model.to(device), loaded, device)
     meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "arch": arch,

@@ -4,6 +4,7 @@ RepDistiller's own model code (``repdistiller_models.py``), bad checkpoints fail
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -153,7 +154,7 @@ def _tiny_cifar100(n: int = 16) -> ImageDataset:
     return ImageDataset("cifar100", x, y, x, y, 100, spec.mean, spec.std, crop=32, pad=4)
 
 
-def test_test_accuracy_measured_when_data_given(tmp_path):
+def test_test_accuracy_measured_when_the_checkpoint_fits(tmp_path):
     reference = _repdistiller_teacher("vgg8")
     data = _tiny_cifar100()
     # labels the reference gets right on half the images: accuracy exactly 0.5
@@ -165,8 +166,15 @@ def test_test_accuracy_measured_when_data_given(tmp_path):
         "cifar100", data.x_train, y, data.x_test, y, 100, data.mean, data.std, 32, 4
     )
     source = _checkpoint(reference, tmp_path / "vgg8.pth")
-    _, meta = load_teacher(import_teacher("vgg8", source, tmp_path / "out", data=data))
+    _, meta = load_teacher(import_teacher("vgg8", source, tmp_path / "out", data=lambda: data))
     assert meta["test_accuracy"] == 0.5
+    asked = []
+    with pytest.raises(ValueError, match="missing"):  # no data loaded for a misfit
+        import_teacher("vgg13", source, tmp_path / "misfit", data=lambda: asked.append(1))
+    assert not asked
+    other = dataclasses.replace(data, name="cifar10")
+    with pytest.raises(ValueError, match="data set 'cifar10' given to measure a 'cifar100'"):
+        import_teacher("vgg8", source, tmp_path / "other", data=lambda: other)
 
 
 def test_cli_import_teacher(tmp_path, capsys):
@@ -181,8 +189,8 @@ def test_cli_import_teacher(tmp_path, capsys):
     _, meta = load_teacher(weights)
     assert meta["arch"] == "resnet32" and meta["test_accuracy"] is None
     rc = cli.main([*argv, "--arch", "resnet110", "--data-dir", str(tmp_path / "no-data")])
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert rc == 2 and last.startswith("error: checkpoint does not fit the model: missing:")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: checkpoint does not fit the model: missing:")
     rc = cli.main([*argv, "--dataset", "cars64"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: unknown dataset 'cars64'; choose from cifar100,")
