@@ -23,9 +23,10 @@ for folder in (ROOT, Path(__file__).resolve().parent):
 from repdistiller_models import MODEL_DICT  # noqa: E402
 
 from reference_experiments import __main__ as cli  # noqa: E402
+from reference_experiments import cli_options  # noqa: E402
 from reference_experiments.augment import preprocess_eval  # noqa: E402
 from reference_experiments.data import ImageDataset  # noqa: E402
-from reference_experiments.datasets import dataset_spec  # noqa: E402
+from reference_experiments.datasets import dataset_names, dataset_spec  # noqa: E402
 from reference_experiments.import_teacher import import_teacher, read_checkpoint  # noqa: E402
 from reference_experiments.teacher import load_teacher  # noqa: E402
 
@@ -178,6 +179,7 @@ def test_test_accuracy_measured_when_the_checkpoint_fits(tmp_path):
 
 
 def test_cli_import_teacher(tmp_path, capsys):
+    assert set(cli_options.IMPORT_DATASETS) <= set(dataset_names())
     source = _checkpoint(_repdistiller_teacher("resnet32"), tmp_path / "r32.pth")
     out = tmp_path / "teachers"
     argv = ["import-teacher", "--arch", "resnet32", "--checkpoint", str(source), "--out", str(out)]
