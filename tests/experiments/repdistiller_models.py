@@ -200,10 +200,12 @@ _VGG = {
     "B": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
 }
 
-#: RepDistiller's ``model_dict`` entries for the archs of ``reference_experiments.models``
+#: RepDistiller's ``model_dict`` entries for its CIFAR ResNets, WRNs and VGGs
 MODEL_DICT = {
     "resnet110": lambda num_classes: ResNet(110, [16, 16, 32, 64], num_classes),
     "resnet32": lambda num_classes: ResNet(32, [16, 16, 32, 64], num_classes),
+    "resnet32x4": lambda num_classes: ResNet(32, [32, 64, 128, 256], num_classes),
+    "resnet8x4": lambda num_classes: ResNet(8, [32, 64, 128, 256], num_classes),
     "wrn_40_2": lambda num_classes: WideResNet(40, num_classes, widen_factor=2),
     "wrn_16_2": lambda num_classes: WideResNet(16, num_classes, widen_factor=2),
     "vgg13": lambda num_classes: VGG(_VGG["B"], num_classes),

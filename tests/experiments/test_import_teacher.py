@@ -28,6 +28,7 @@ from reference_experiments.augment import preprocess_eval  # noqa: E402
 from reference_experiments.data import ImageDataset  # noqa: E402
 from reference_experiments.datasets import dataset_names, dataset_spec  # noqa: E402
 from reference_experiments.import_teacher import import_teacher, read_checkpoint  # noqa: E402
+from reference_experiments.models import MODEL_NAMES  # noqa: E402
 from reference_experiments.teacher import load_teacher  # noqa: E402
 
 torch.set_num_threads(1)
@@ -58,7 +59,15 @@ def _checkpoint(model: torch.nn.Module, path: Path, **extra) -> Path:
     return path
 
 
-@pytest.mark.parametrize("arch", ["wrn_40_2", "resnet110", "vgg13", "wrn_16_2", "resnet32", "vgg8"])
+#: every arch of this package that RepDistiller has (the paper's teachers among them)
+ARCHS = [arch for arch in MODEL_DICT if arch in MODEL_NAMES]
+
+
+def test_paper_teachers_covered():
+    assert {"wrn_40_2", "resnet110", "vgg13"} <= set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_imported_teacher_matches_repdistiller_model(arch, tmp_path):
     reference = _repdistiller_teacher(arch)
     assert any(
