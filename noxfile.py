@@ -1,4 +1,4 @@
-"""nox sessions: ``tests`` on every Keras backend, ``lint`` and ``typecheck``.
+"""nox sessions: ``tests`` on every Keras backend, ``lint``, ``typecheck`` and ``wheel``.
 
 Plain ``nox`` runs all of them (this is the README's test command and what
 ``.ci/run`` calls). ``nox -s "tests(torch)"`` runs one backend; arguments
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 from pathlib import Path
 
 import nox
@@ -51,7 +52,7 @@ EXPERIMENT_TESTS = "tests/experiments"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 nox.options.default_venv_backend = "virtualenv"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "wheel"]
 nox.options.error_on_external_run = True
 
 _NO_NVIDIA = """
@@ -139,3 +140,47 @@ def bench(session: nox.Session) -> None:
     """
     _install(session, "-e", ".", "torch", "jax", "tensorflow-cpu")
     session.run("python", "benchmarks/losses.py", *(session.posargs or ["--quick"]))
+
+
+#: what the wheel must hold (and must not: a top-level module besides the packages)
+_CHECK_WHEEL = """
+import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+need = ["ckd_core/py.typed", "ckd_torch/py.typed", "ckd_tensorflow/py.typed",
+        "reference_experiments/__main__.py", "reference_experiments/configs/table1.toml"]
+missing = [n for n in need if n not in names]
+missing += [] if any(n.endswith("/licenses/LICENSE") for n in names) else ["LICENSE"]
+top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")})
+stray = [t for t in top if t not in ("ckd_core", "ckd_torch", "ckd_tensorflow",
+                                     "reference_experiments")]
+if missing or stray:
+    sys.exit(f"wheel: missing {missing}, unexpected top-level {stray}")
+print("wheel holds", len(names), "files; top level:", ", ".join(top))
+"""
+
+
+_TIMED_HELP = """
+import subprocess, sys, time
+t0 = time.perf_counter()
+subprocess.run([sys.executable, "-m", "reference_experiments", "--help"], check=True)
+print(f"python -m reference_experiments --help: {time.perf_counter() - t0:.2f} s")
+"""
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """Builds the wheel, checks its contents, installs it with the ``experiments`` extra
+    into this fresh virtualenv and, from a folder outside the clone, imports the
+    packages and runs ``python -m reference_experiments --help``."""
+    dist = Path(session.create_tmp()).resolve() / "dist"
+    session.install("--no-compile", "-c", CONSTRAINTS, "pip")
+    session.run("python", "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT))
+    (built,) = dist.glob("ckd_core-*.whl")
+    session.run("python", "-c", _CHECK_WHEEL, str(built))
+    _install(session, f"ckd-core[experiments] @ {built.as_uri()}", "torch")
+    with tempfile.TemporaryDirectory() as outside:
+        session.chdir(outside)
+        env = {"KERAS_BACKEND": "torch", "PYTHONPATH": ""}
+        smoke = "import ckd_core, ckd_torch; print('ckd_core', ckd_core.__version__)"
+        session.run("python", "-c", smoke, env=env)
+        session.run("python", "-c", _TIMED_HELP, env=env)

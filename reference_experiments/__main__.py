@@ -1,4 +1,4 @@
-"""``python -m reference_experiments {train-teacher,student,grid,report,quickstart} ...``
+"""``python -m reference_experiments {quickstart,train-teacher,student,grid,report,...} ...``
 
 Knowledge distillation under a teacher-call budget: the teacher may be called
 on only n training images (its outputs are cached), and students train on
@@ -6,13 +6,18 @@ those outputs. Examples::
 
     python -m reference_experiments quickstart                   # CPU, digits, < 2 min
     python -m reference_experiments student --help               # every method, one line each
+    python -m reference_experiments import-teacher --arch wrn_40_2 \\
+        --checkpoint wrn_40_2_vanilla/ckpt_epoch_240.pth --dataset cifar100 --out teachers
     python -m reference_experiments student --dataset digits --teacher runs/t.safetensors \\
         --student-arch digits_mlp --method ckd_all --budget 500 --preset fast
     python -m reference_experiments grid table1 --dry-run
     python -m reference_experiments report runs/table1/results.jsonl
+    python -m reference_experiments prepare-data --source cifar-10-python.tar.gz --data-dir data
 
-A user mistake (unknown name, missing file, bad number) prints one line
-``error: ...`` and exits with status 2; ``--debug`` shows the traceback.
+A user mistake (unknown name or option, missing file, bad number, a results path that
+cannot be written) prints one line ``error: ...`` and exits with status 2 before any
+training; ``--debug`` (before or after the subcommand) shows the traceback. The parser
+is built without importing torch or keras (``cli_options``), so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -20,66 +25,44 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from .config import add_arguments, from_arguments
+from . import cli_options as opts
+from .prepare_data import check_dataset_files
+
+DEBUG_HELP = "show tracebacks of errors"
+THREADS_HELP = "torch CPU threads (the quick start always uses 1)"
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .methods import describe
-
-    p = argparse.ArgumentParser(
+def _parser() -> tuple[opts.Parser, dict[str, opts.Parser]]:
+    """The command line and its subcommands' parsers."""
+    common = opts.Parser(add_help=False)  # also accepted after the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    common.add_argument(
+        "--threads", type=opts.positive_int, default=argparse.SUPPRESS, help=THREADS_HELP
+    )
+    p = opts.Parser(
         prog="python -m reference_experiments",
         description="Distillation under a teacher-call budget (the CKD paper's experiments).",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train-teacher", add_help=False, help="train a teacher (see its --help)")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    p.add_argument("--threads", type=opts.positive_int, default=None, help=THREADS_HELP)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    subs: dict[str, opts.Parser] = {}
 
-    s = sub.add_parser(
-        "student",
-        help="one student run under a teacher-call budget",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="methods:\n" + "\n".join(f"  {k:<14} {v}" for k, v in describe().items()),
-    )
-    add_arguments(s, required=("dataset", "student_arch", "method", "budget"))
-    s.add_argument("--results", default=None, help="also append the row to this JSONL")
+    def add(name: str, text: str, **kw: Any) -> opts.Parser:
+        subs[name] = sub.add_parser(name, help=text, description=text, parents=[common], **kw)
+        return subs[name]
 
-    g = sub.add_parser("grid", help="run a TOML grid resumably (one JSONL row per run)")
-    g.add_argument("config", help="TOML path or bundled name (table1, table2, fig3_cars, ...)")
-    g.add_argument("--results", default=None, help="results JSONL (default: from the config)")
-    g.add_argument("--device", default=None, help="auto (cuda if available), cpu, cuda:N")
-    g.add_argument("--data-dir", default=None)
-    g.add_argument("--dataset", default=None, help="override every run's dataset")
-    g.add_argument("--preset", default=None, help="override every run's preset")
-    g.add_argument("--max-epochs", type=int, default=None, help="cap every run's epochs")
-    g.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    g.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N")
-    g.add_argument("--stack", type=int, default=32, metavar="N", help="runs per stacked step")
-    g.add_argument("--keep-going", action="store_true", help="log failed stacks, continue")
-    g.add_argument("--dry-run", action="store_true", help="validate and list the runs")
-    g.add_argument("--no-progress", action="store_true")
-
-    r = sub.add_parser("report", help="Markdown tables + PNG figures from results JSONL")
-    r.add_argument("results", nargs="+")
-    r.add_argument("--out", default=None, help="output dir (default: <results dir>/report)")
-    r.add_argument("--targets", default=None, help="comma-separated target accuracies (%%)")
-
-    c = sub.add_parser("campaign", help="the paper's grids in priority order, time-limited")
-    c.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
-    c.add_argument("--out", required=True, help="rows and teachers go here, at once")
-    c.add_argument("--device", default=None, help="auto (cuda if available), cpu, cuda:N")
-    c.add_argument("--data-dir", default=None)
-    c.add_argument("--stack", type=int, default=32, metavar="N", help="runs per stacked step")
-    c.add_argument("--dry-run", action="store_true", help="validate the plan, train nothing")
-
-    q = sub.add_parser("quickstart", help="CPU digits demo (< 2 min): teacher, 4 methods, table")
+    q = add("quickstart", "CPU digits demo (< 2 min): teacher, 4 methods, table")
     q.add_argument(
-        "--out", default=None, help="default: runs/quickstart (keras: runs/keras_quickstart)"
+        "--out", default=None, help="default: ./runs/quickstart (keras: keras_quickstart)"
     )
     q.add_argument(
         "--framework",
@@ -93,7 +76,68 @@ def _parser() -> argparse.ArgumentParser:
         default="jax",
         help="Keras backend for --framework keras",
     )
-    return p
+
+    opts.add_train_teacher_arguments(add("train-teacher", "train a teacher (safetensors + JSON)"))
+    opts.add_import_teacher_arguments(
+        add("import-teacher", "convert a RepDistiller/mdistiller teacher checkpoint")
+    )
+
+    s = add(
+        "student",
+        "one student run under a teacher-call budget",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=opts.describe_methods(),
+    )
+    opts.add_run_arguments(s, required=("dataset", "student_arch", "method", "budget"))
+    s.add_argument("--results", default=None, help="also append the row to this JSONL")
+
+    g = add("grid", "run a TOML grid resumably (one JSONL row per run)")
+    g.add_argument("config", help="TOML path or bundled name (table1, table2, fig3_cars, ...)")
+    g.add_argument("--results", default=None, help="results JSONL (default: from the config)")
+    opts.add_device(g)
+    opts.add_data_dir(g)
+    opts.add_preset(g)
+    g.add_argument("--dataset", default=None, help="override every run's dataset")
+    g.add_argument(
+        "--max-epochs", type=opts.positive_int, default=None, help="cap every run's epochs"
+    )
+    g.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    g.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N")
+    g.add_argument(
+        "--stack", type=opts.positive_int, default=32, metavar="N", help="runs per stacked step"
+    )
+    g.add_argument("--keep-going", action="store_true", help="log failed stacks, continue")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, data and teachers, list the runs; create nothing",
+    )
+    g.add_argument("--no-progress", action="store_true")
+
+    r = add("report", "Markdown tables + PNG figures from results JSONL")
+    r.add_argument("results", nargs="+")
+    r.add_argument("--out", default=None, help="output folder (default: <results folder>/report)")
+    r.add_argument("--targets", default=None, help="comma-separated target accuracies (%%)")
+
+    c = add("campaign", "the paper's grids in priority order, time-limited")
+    c.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
+    c.add_argument("--out", required=True, help="rows and teachers go here, at once")
+    opts.add_device(c)
+    opts.add_data_dir(c)
+    c.add_argument(
+        "--stack", type=opts.positive_int, default=32, metavar="N", help="runs per stacked step"
+    )
+    c.add_argument("--dry-run", action="store_true", help="validate the plan, train nothing")
+
+    d = add("prepare-data", "build the cifar10-jpeg folder from the official CIFAR-10 archive")
+    d.add_argument(
+        "--source",
+        required=True,
+        help="cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) "
+        "or its extracted cifar-10-batches-py folder",
+    )
+    opts.add_data_dir(d)
+    return p, subs
 
 
 class Progress:
@@ -111,42 +155,170 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def _results_folder(path: str) -> Path:
-    """Creates the results file's folder up front, so that a bad path fails before training."""
+def _writable(path: str | os.PathLike[str], what: str = "results path") -> Path:
+    """Creates the file's folder and writes a probe file in it now, so that a path that
+    cannot be written fails before training, not after it."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise NotADirectoryError(f"results path {path}: a parent of it is a file") from None
+        raise NotADirectoryError(f"{what} {path}: a parent of it is a file") from None
+    except OSError as e:
+        raise PermissionError(f"{what} {path}: cannot create {p.parent} ({e.strerror})") from None
+    try:
+        with tempfile.TemporaryFile(dir=p.parent):
+            pass
+        if p.exists() and not os.access(p, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as e:
+        raise PermissionError(f"{what} {path}: cannot write in {p.parent} ({e.strerror})") from None
     return p
 
 
+def _cmd_quickstart(a: argparse.Namespace) -> int:
+    from . import quickstart
+
+    pinned = quickstart.pin_kernel_isa()  # before torch or jax is imported
+    if pinned:
+        print(
+            "quick start: CPU kernels pinned (set them to override): "
+            + " ".join(f"{k}={v}" for k, v in pinned.items()),
+            file=sys.stderr,
+        )
+    if a.framework == "keras":
+        import subprocess  # a fresh interpreter: Keras' backend is chosen at its import
+
+        out = a.out or "runs/keras_quickstart"
+        _writable(Path(out) / "results.jsonl")
+        cmd = [sys.executable, "-m", "reference_experiments.keras_quickstart", "--out", out]
+        env = {**os.environ, "KERAS_BACKEND": a.backend}
+        return subprocess.run([*cmd, "--backend", a.backend], env=env, check=False).returncode
+    out = a.out or "runs/quickstart"
+    _writable(Path(out) / "results.jsonl")
+    quickstart.main(out=out)
+    return 0
+
+
+def _cmd_train_teacher(a: argparse.Namespace) -> int:
+    opts.check_choice("arch", a.arch, opts.MODEL_NAMES)
+    opts.check_choice("dataset", a.dataset, opts.DATASET_NAMES)
+    _writable(Path(a.out) / "teacher.json", "--out")
+    check_dataset_files(a.dataset, a.data_dir)
+    from . import distributed as rdist
+    from .data import load_dataset
+    from .devices import resolve_device
+    from .teacher import train_teacher
+
+    resolve_device(a.device)
+    dataset = load_dataset(a.dataset, a.data_dir, seed=a.split_seed)
+    path = train_teacher(
+        a.arch,
+        dataset,
+        epochs=a.epochs,
+        seed=a.seed,
+        out_dir=a.out,
+        device=a.device,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        progress=not a.no_progress,
+    )
+    if rdist.is_main():
+        meta = json.loads(path.with_suffix(".json").read_text())
+        print(
+            f"{path}  test_accuracy={meta['test_accuracy']:.4f}  "
+            f"({meta['train_seconds']:.1f} s, {meta['train_images_per_s']:.0f} img/s)"
+        )
+    return 0
+
+
+def _cmd_import_teacher(a: argparse.Namespace) -> int:
+    opts.check_choice("arch", a.arch, opts.MODEL_NAMES)
+    opts.check_choice("dataset", a.dataset, opts.IMPORT_DATASETS)
+    if not Path(a.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {a.checkpoint} not found")
+    _writable(Path(a.out) / "teacher.json", "--out")
+    from .data import ImageDataset, load_dataset
+    from .devices import resolve_device
+    from .import_teacher import import_teacher
+
+    def data() -> ImageDataset | None:
+        try:
+            return load_dataset(a.dataset, a.data_dir)
+        except FileNotFoundError as e:  # the import needs no data
+            print(f"test accuracy not measured: {e}", file=sys.stderr)
+            return None
+
+    path = import_teacher(
+        a.arch, a.checkpoint, a.out, dataset=a.dataset, data=data, device=resolve_device(a.device)
+    )
+    accuracy = json.loads(path.with_suffix(".json").read_text())["test_accuracy"]
+    print(f"{path}  test_accuracy=" + ("not measured" if accuracy is None else f"{accuracy:.4f}"))
+    return 0
+
+
 def _cmd_student(a: argparse.Namespace) -> int:
+    from .config import from_arguments
+
+    cfg = from_arguments(a)
+    check_dataset_files(cfg.dataset, cfg.data_dir)
+    if a.results:
+        _writable(a.results)
+    if cfg.teacher and not Path(cfg.teacher).is_file():
+        raise FileNotFoundError(f"teacher file {cfg.teacher} not found")
     from . import engine, methods
     from .devices import resolve_device
     from .rows import append_row
 
-    cfg = from_arguments(a)
     resolve_device(cfg.device)  # a CUDA device that is not there fails here, not later
-    if a.results:
-        _results_folder(a.results)
     if methods.get(cfg.method).uses_teacher and not cfg.teacher:
         raise ValueError(f"--teacher PATH is required for method {cfg.method!r}")
-    if cfg.teacher and not Path(cfg.teacher).is_file():
-        raise FileNotFoundError(f"teacher file {cfg.teacher} not found")
+    t0 = time.perf_counter()
     [(cfg, row)] = engine.train([cfg], log=Progress())
     obj = row.to_json(cfg)
-    print(json.dumps(obj, sort_keys=True))
+    print(json.dumps(obj, sort_keys=True, default=str))
     if row.diverged:
         raise FloatingPointError(f"every lr diverged ({row.lrs_diverged}); try a smaller --lr")
     if a.results:
         append_row(a.results, obj)
+    print(
+        f"student {cfg.method}, budget n={cfg.budget} ({row.teacher_calls} teacher calls): "
+        f"test accuracy {100 * row.test_acc:.2f}% (lr {row.lr_used:g}, {row.epochs} epochs) "
+        f"in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _dry_run(cfg: dict, runs: list, results: Path) -> int:
+    """Checks that every run's data and teacher exist and lists the runs; writes nothing."""
+    from .rows import finished_ids
+
+    for dataset, data_dir in sorted({(r.dataset, r.data_dir) for r in runs}, key=str):
+        check_dataset_files(dataset, data_dir)
+    for key in sorted({r.teacher_key for r in runs if r.teacher_key}):
+        spec = cfg["teachers"][key.split("@")[0]]
+        if "path" in spec and not Path(spec["path"]).is_file():
+            raise FileNotFoundError(f"teacher {key}: file {spec['path']} not found")
+        found = sorted((Path(cfg["teachers_dir"]) / key.replace("@", "_")).glob("*.safetensors"))
+        state = spec.get("path") or (
+            found[0] if found else f"to train ({spec['train_epochs']} epochs)"
+        )
+        print(f"teacher {key}: {state}", file=sys.stderr)
+    done = finished_ids(results)
+    for r in runs:
+        print(
+            f"{r.run_id()} {'done' if r.run_id() in done else 'todo'} {r.dataset} "
+            f"{r.teacher_arch}->{r.student_arch} {r.method} n={r.budget} seed={r.seed} "
+            f"{r.preset}" + (f" lr={r.lr}" if r.lr is not None else "")
+        )
+    print(f"{len(runs)} runs, {sum(r.run_id() in done for r in runs)} done", file=sys.stderr)
     return 0
 
 
 def _cmd_grid(a: argparse.Namespace) -> int:
     from . import grid
-    from .rows import finished_ids
 
     cfg = grid.load_config(grid.resolve_config(a.config))
     runs = grid.with_overrides(
@@ -158,17 +330,10 @@ def _cmd_grid(a: argparse.Namespace) -> int:
         data_dir=a.data_dir,
     )
     runs = grid.select_shard(runs, a.shard)
-    results = _results_folder(a.results or cfg["results"])
+    results = Path(a.results or cfg["results"])
     if a.dry_run:
-        done = finished_ids(results)
-        for r in runs:
-            print(
-                f"{r.run_id()} {'done' if r.run_id() in done else 'todo'} {r.dataset} "
-                f"{r.teacher_arch}->{r.student_arch} {r.method} n={r.budget} seed={r.seed} "
-                f"{r.preset}" + (f" lr={r.lr}" if r.lr is not None else "")
-            )
-        print(f"{len(runs)} runs, {sum(r.run_id() in done for r in runs)} done", file=sys.stderr)
-        return 0
+        return _dry_run(cfg, runs, results)
+    _writable(results)
     counts = grid.run_grid(
         runs,
         results,
@@ -184,11 +349,37 @@ def _cmd_grid(a: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _check_results_file(path: str) -> None:
+    """A results file exists and every line is a JSON object with a ``run_id``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"results file {path} not found")
+    rows = 0
+    for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict) or "run_id" not in obj:
+            raise ValueError(f"{path}:{n}: not a result row (a JSON object with a run_id)")
+        rows += 1
+    if not rows:
+        raise ValueError(f"results file {path} holds no rows")
+
+
 def _cmd_report(a: argparse.Namespace) -> int:
+    for path in a.results:
+        _check_results_file(path)
+    try:
+        targets = [float(t) for t in a.targets.split(",")] if a.targets else None
+    except ValueError:
+        raise ValueError(f"--targets {a.targets!r}: not comma-separated numbers") from None
     from . import report
 
     out = Path(a.out) if a.out else Path(a.results[0]).parent / "report"
-    targets = [float(t) for t in a.targets.split(",")] if a.targets else None
+    _writable(out / "report.md", "--out")
     path = report.make_report(a.results, out, targets=targets)
     print(path.read_text(encoding="utf-8"))
     print(f"\nwrote {path} and figures in {out}", file=sys.stderr)
@@ -198,66 +389,74 @@ def _cmd_report(a: argparse.Namespace) -> int:
 def _cmd_campaign(a: argparse.Namespace) -> int:
     from .campaign import run_campaign
 
+    if not a.dry_run:
+        _writable(Path(a.out) / "campaign.probe", "--out")
     counts = run_campaign(
-        a.minutes,
-        a.out,
-        device=a.device,
-        data_dir=a.data_dir,
-        stack=a.stack,
-        dry_run=a.dry_run,
+        a.minutes, a.out, device=a.device, data_dir=a.data_dir, stack=a.stack, dry_run=a.dry_run
     )
     print(f"campaign: new rows {counts}", file=sys.stderr)
     return 0
 
 
-def _cmd_quickstart(a: argparse.Namespace) -> int:
-    if a.framework == "keras":
-        # a fresh interpreter: this one already runs Keras on the torch backend (ckd_torch)
-        import os
-        import subprocess
+def _cmd_prepare_data(a: argparse.Namespace) -> int:
+    from .datafiles import cache_dir, default_data_dir
+    from .prepare_data import build_cifar10_jpeg
 
-        out = a.out or "runs/keras_quickstart"
-        cmd = [sys.executable, "-m", "reference_experiments.keras_quickstart", "--out", out]
-        env = {**os.environ, "KERAS_BACKEND": a.backend}
-        return subprocess.run([*cmd, "--backend", a.backend], env=env, check=False).returncode
-    from . import quickstart
-
-    quickstart.main(out=a.out or "runs/quickstart")
+    data_dir = a.data_dir or default_data_dir()
+    if data_dir is None:
+        raise ValueError("no data folder: pass --data-dir DIR (or set $CKD_DATA_DIR)")
+    _writable(Path(data_dir) / "cifar10-jpeg" / "classes.txt", "--data-dir")
+    folder = build_cifar10_jpeg(a.source, data_dir)
+    print(
+        f"wrote {folder}; use --data-dir {data_dir} --dataset cifar10-jpeg (the first "
+        f"run decodes it once into {cache_dir()})"
+    )
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "quickstart": _cmd_quickstart,
+    "train-teacher": _cmd_train_teacher,
+    "import-teacher": _cmd_import_teacher,
+    "student": _cmd_student,
+    "grid": _cmd_grid,
+    "report": _cmd_report,
+    "campaign": _cmd_campaign,
+    "prepare-data": _cmd_prepare_data,
+}
+#: what a user mistake raises: one line ``error: ...``, exit 2 (``--debug``: traceback);
+#: ImportError: a missing extra, or KERAS_BACKEND naming a backend other than torch
+USER_ERRORS = (
+    ImportError,
+    ValueError,
+    FileNotFoundError,
+    FloatingPointError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if argv and argv[0] == "train-teacher":
-        from . import teacher
-
-        teacher.main(argv[1:])
-        return 0
-    a = _parser().parse_args(argv)
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    command = {
-        "student": _cmd_student,
-        "grid": _cmd_grid,
-        "report": _cmd_report,
-        "quickstart": _cmd_quickstart,
-        "campaign": _cmd_campaign,
-    }[a.cmd]
+    parser, subs = _parser()
+    command = next((t for t in argv if t in subs), None)
+    known = opts.option_strings([parser, *([subs[command]] if command else [])])
+    misspelt = opts.misspelt_option(argv, known)
+    if misspelt:
+        parser.error(misspelt)
+    a = parser.parse_args(argv)
     try:
-        return command(a)
-    except (
-        ValueError,
-        FileNotFoundError,
-        FloatingPointError,
-        NotADirectoryError,
-        FileExistsError,
-    ) as e:
-        if debug:
+        if a.threads and a.cmd != "quickstart":
+            import torch
+
+            torch.set_num_threads(a.threads)
+        return COMMANDS[a.cmd](a)
+    except USER_ERRORS as e:
+        if a.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
 
 

@@ -13,9 +13,13 @@ processes may share one file).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -28,7 +32,69 @@ try:
 except ImportError:  # pragma: no cover - Windows: no cross-process lock
     fcntl = None  # type: ignore[assignment]  # (the module is optional there)
 
-__all__ = ["ResultRow", "append_row", "atomic_write_bytes", "finished_ids", "read_rows"]
+__all__ = [
+    "ResultRow",
+    "append_row",
+    "atomic_write_bytes",
+    "finished_ids",
+    "read_rows",
+    "run_environment",
+]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """The commit of the clone this package runs from; None when installed or without git."""
+    package = Path(__file__).resolve().parent
+    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        top, commit = out.stdout.split()
+        return commit if Path(top).resolve() == package.parent else None
+    return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_environment() -> dict[str, str | None]:
+    """What a row's numbers depend on besides its config: package versions, torch's CPU
+    kernel ISA (``torch.backends.cpu.get_cpu_capability()``), CPU model, git commit."""
+    return dict(_environment())
+
+
+@functools.cache
+def _environment() -> dict[str, str | None]:
+    torch = sys.modules.get("torch")
+    return {
+        "python": platform.python_version(),
+        "torch": getattr(torch, "__version__", None) or _version("torch"),
+        "keras": _version("keras"),
+        "numpy": _version("numpy"),
+        "jax": _version("jax"),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability() if torch else None,
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "git_commit": _git_commit(),
+    }
 
 
 @dataclass
@@ -41,7 +107,8 @@ class ResultRow:
     used (the config's ``device`` may say ``auto``). ``flat_dims``:
     directions holding 90% of the within-class variance of the student's
     penultimate features on test images (Fig. 5); ``spectrum``: the normalised
-    singular values behind it.
+    singular values behind it. ``environment``: :func:`run_environment` of the process
+    that built the row (empty for rows written before it was recorded).
     """
 
     run_id: str
@@ -72,6 +139,7 @@ class ResultRow:
     grid: str | None = None
     paper_dataset: str | None = None
     finished_at: str | None = None
+    environment: dict[str, str | None] = field(default_factory=run_environment)
 
     @property
     def diverged(self) -> bool:
@@ -86,7 +154,7 @@ class ResultRow:
     def split(cls, obj: Mapping[str, Any]) -> tuple[dict[str, Any], ResultRow]:
         """A results-file object -> (config fields, row)."""
         names = {f.name for f in fields(cls)}
-        row = cls(**{k: v for k, v in obj.items() if k in names})
+        row = cls(**{"environment": {}, **{k: v for k, v in obj.items() if k in names}})
         return {k: v for k, v in obj.items() if k not in names}, row
 
 

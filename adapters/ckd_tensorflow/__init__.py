@@ -17,7 +17,7 @@ Example:
     TensorShape([8, 10])
 """
 
-from ckd_backend import use_keras_backend
+from ckd_core._backend_select import use_keras_backend
 
 use_keras_backend("tensorflow", "ckd_tensorflow")
 

@@ -12,7 +12,7 @@ Example:
     >>> ComparativeLoss()(student, teacher).backward()
 """
 
-from ckd_backend import use_keras_backend
+from ckd_core._backend_select import use_keras_backend
 
 use_keras_backend("torch", "ckd_torch")
 

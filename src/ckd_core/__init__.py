@@ -5,6 +5,7 @@
 :mod:`ckd_core.functional`.
 """
 
+import ckd_core._backend_select  # noqa: F401  (first: picks the Keras backend before keras loads)
 from ckd_core import functional
 from ckd_core.budget import TeacherBudget, TeacherBudgetExceeded
 from ckd_core.losses import ComparativeLoss, DISTLoss, KDLoss, ProjectedRKDLoss, RKDLoss

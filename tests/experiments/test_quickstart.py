@@ -1,12 +1,15 @@
 """Quick start (reduced grid through ``quickstart.config``), the committed quick-start
 report, and the command line's help and user errors.
 
-The real quick start (4 methods x 3 budgets x 3 seeds, 60 epochs) takes minutes; here
-its module constants are shrunk to 2 methods x 1 budget x 1 seed x 2 epochs.
+The real quick start (4 methods x 3 budgets x 5 seeds, 60 epochs) takes a minute; here
+its module constants are shrunk to 2 methods x 1 budget x 1 or 2 seeds x 2 or 3 epochs.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,6 +82,10 @@ def test_quickstart_reduced(tmp_path, capsys, monkeypatch, restore_torch_globals
         assert r["teacher_calls"] == (0 if r["method"] == "ce" else r["n_train"])
         assert 0.0 <= r["test_acc"] <= 1.0 and 1 <= r["epochs"] <= 2
         assert r["teacher"] == (None if r["method"] == "ce" else str(teacher_files[0]))
+        env = r["environment"]
+        assert env["torch"] == torch.__version__ and env["numpy"] and env["cpu_model"]
+        assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "Environment of the rows:" in path.read_text(encoding="utf-8")
 
     # a rerun reuses the teacher and every finished run: nothing trains, nothing is written
     blob, mtime = results.read_bytes(), teacher_files[0].stat().st_mtime_ns
@@ -232,3 +239,60 @@ def test_progress_lines_are_rate_limited_off_a_terminal(monkeypatch, capsys):
         progress(f"epoch {i}")
     err = capsys.readouterr().err
     assert err.splitlines() == ["epoch 0", "epoch 3", "epoch 5"] and "\r" not in err
+
+
+# ------------------------------------------------------------------ kernel ISA
+def test_pin_kernel_isa_respects_the_users_choice(monkeypatch):
+    monkeypatch.setattr(quickstart.platform, "machine", lambda: "x86_64")
+    environ = {
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    assert quickstart.pin_kernel_isa(environ) == {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_cpu_max_isa=AVX2",
+    }
+    assert environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+    assert quickstart.pin_kernel_isa(environ) == {}  # all set now
+    monkeypatch.setattr(quickstart.platform, "machine", lambda: "aarch64")
+    assert quickstart.pin_kernel_isa({}) == {}  # other architectures: other kernels
+
+
+_REDUCED_QUICKSTART = """
+import sys
+from reference_experiments import quickstart
+from reference_experiments.__main__ import main
+quickstart.METHODS, quickstart.BUDGETS, quickstart.SEEDS = ("ce", "ckd_all"), (100,), (0, 1)
+quickstart.MAX_EPOCHS, quickstart.TEACHER_EPOCHS = 3, 1
+sys.exit(main(["quickstart", "--out", sys.argv[1]]))
+"""
+#: what depends on the machine's speed or the clock, not on the arithmetic
+_TIMING = {"wall_s", "train_images_per_s", "stack_images_per_s", "finished_at", "teacher"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    quickstart.platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 kernels"
+)
+def test_quickstart_rows_identical_under_every_kernel_isa(tmp_path):
+    """The command's rows do not depend on the CPU's own ISA: this CPU as it is (its
+    default kernels: AVX-512 where it has it) and as an AVX2 machine
+    (``ATEN_CPU_CAPABILITY=avx2``, what torch runs on such a CPU)."""
+    runs = {"default": None, "avx2": "avx2"}
+    rows = {}
+    for name, capability in runs.items():
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}  # fmt: skip
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-c", _REDUCED_QUICKSTART, str(out)], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = (out / "results.jsonl").read_text(encoding="utf-8").splitlines()
+        rows[name] = [{k: v for k, v in json.loads(x).items() if k not in _TIMING} for x in lines]
+        assert len(rows[name]) == 4
+        assert {r["environment"]["torch_cpu_capability"] for r in rows[name]} == {"AVX2"}
+    first, *others = rows.values()
+    assert all(other == first for other in others)

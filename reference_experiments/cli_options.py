@@ -1,0 +1,267 @@
+"""The command line's names and options, declared once and importable without torch.
+
+``python -m reference_experiments --help`` must answer at once, so the parser is built
+from this module alone: the dataset, model and method names (the engine modules that
+implement them import torch; ``tests/experiments/test_cli.py`` checks that these lists
+equal theirs), the options every subcommand shares (``--device``, ``--data-dir``,
+``--preset``: one help text each), checked number types (each error names its option),
+and a parser whose mistakes print one line ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import MISSING, fields
+from typing import Any, NoReturn
+
+from .config import PRESETS, TEACHER_VIEWS, RunConfig
+
+__all__ = [
+    "DATASET_NAMES",
+    "METHOD_DESCRIPTIONS",
+    "MODEL_NAMES",
+    "Parser",
+    "add_data_dir",
+    "add_device",
+    "add_preset",
+    "add_run_arguments",
+    "check_choice",
+    "misspelt_option",
+    "non_negative_int",
+    "positive_int",
+    "seed_int",
+]
+
+DATASET_NAMES: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg", "cars64", "digits")
+MODEL_NAMES: tuple[str, ...] = (
+    "resnet110",
+    "resnet32",
+    "wrn_40_2",
+    "wrn_16_2",
+    "vgg13",
+    "vgg8",
+    "digits_cnn",
+    "digits_mlp",
+)
+#: every registered method and its one-line description, in registry order
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    "ce": "cross-entropy on labels, no teacher (0 calls)",
+    "kd": "CE + Hinton KD (T=4)",
+    "rkd": "CE + KD + RKD distance/angle on logits, class-balanced batches",
+    "dist": "CE + KD + DIST (tau=4), weight 2",
+    "crd": "CE + KD + 0.8 CRD on logit embeddings, other-class negatives (K=16384)",
+    "mixup": "official mixup: student on mixed pairs, lam-mixed CE + soft CE to teachers",
+    "mixup3": "three-image mixup, weights from normalised Beta(1,1) draws",
+    "fitnets": "CE + KD + 100 MSE(ConvReg(f_s[2]), f_t[2]) (FitNets hint)",
+    "vid": "CE + KD + 1 sum of VID Gaussian NLLs on layers 1..L-2",
+    "cc": "CE + KD + 0.02 correlation congruence of 128-d penultimate embeddings",
+    "fitnets+crd": (
+        "FitNets + 0.8 CRD on logits (ours: the official code cannot run white-box + CRD)"
+    ),
+    "vid+crd": "VID + 0.8 CRD on logits (ours: the official code cannot run white-box + CRD)",
+    "cc+crd": "CC + 0.8 CRD on logits (ours: the official code cannot run white-box + CRD)",
+    "rkd_d2": "CE + KD + projected RKD_d to 2 dims (paper Fig. 4)",
+    "rkd_d5": "CE + KD + projected RKD_d to 5 dims (paper Fig. 4)",
+    "rkd_d10": "CE + KD + projected RKD_d to 10 dims (paper Fig. 4)",
+    "rkd_d50": "CE + KD + projected RKD_d to 50 dims (paper Fig. 4)",
+    "rkd_d100": "CE + KD + projected RKD_d to 100 dims (paper Fig. 4)",
+    "ckd_pn2": "official CKD: 1 vs 1 images, two passes",
+    "ckd_pn3": "official CKD: 2 vs 1 images, two passes",
+    "ckd_pairs": "ours: CKD on 64 random pairs per step, one forward pass",
+    "ckd_groups2": "ours: CKD on overlapping 2-image group means",
+    "ckd_groups3": "ours: CKD on overlapping 3-image group means",
+    "ckd_all": "ours: CKD over all in-batch pairs, O(n d), one forward pass",
+    "fitnets+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 100 MSE(ConvReg(df_s[2]), df_t[2])",
+    "vid+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 1 VID on feature differences",
+    "cc+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 0.02 CC of embedded differences",
+}
+#: the data sets of RepDistiller's CIFAR teachers (``import-teacher --dataset``)
+IMPORT_DATASETS: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg")
+#: the names each RunConfig field may take, known without importing the engine
+RUN_CHOICES: dict[str, Sequence[str]] = {
+    "dataset": DATASET_NAMES,
+    "student_arch": MODEL_NAMES,
+    "method": tuple(METHOD_DESCRIPTIONS),
+    "preset": tuple(PRESETS),
+    "teacher_view": TEACHER_VIEWS,
+}
+
+DEVICE_HELP = "auto (cuda if available), cpu, cuda or cuda:N"
+DATA_DIR_HELP = (
+    "folder holding the datasets (default: $CKD_DATA_DIR, else ../shared/data beside "
+    "the clone when it exists; `prepare-data` builds cifar10-jpeg there)"
+)
+PRESET_HELP = "schedule: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
+SEED_MAX = 2**32 - 1
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line ``error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_at_least(low: int, high: int | None = None) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+seed_int = _int_at_least(0, SEED_MAX)
+
+
+def device_name(text: str) -> str:
+    """``--device``: auto, cpu, mps, cuda or cuda:N (whether CUDA is there is checked later)."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use {DEVICE_HELP}")
+    return text
+
+
+def add_device(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--device", type=device_name, default=default, help=DEVICE_HELP)
+
+
+def add_data_dir(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--data-dir", default=default, metavar="DIR", help=DATA_DIR_HELP)
+
+
+def add_preset(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--preset", default=default, help=PRESET_HELP)
+
+
+#: checked types of RunConfig's number options; the shared options declared above
+_RUN_TYPES: dict[str, Any] = {
+    "seed": seed_int,
+    "patience": non_negative_int,
+    "max_epochs": positive_int,
+    "budget": int,
+    "batch_size": int,
+    "lr": float,
+}
+_SHARED = {"device": add_device, "data_dir": add_data_dir, "preset": add_preset}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, required: Sequence[str] = ()) -> None:
+    """One ``--option`` per command-line field of :class:`RunConfig` (names are checked
+    by ``RunConfig.validate``, so a wrong one gets the same error everywhere)."""
+    for f in fields(RunConfig):
+        if not f.metadata["cli"]:
+            continue
+        default = None if f.default is MISSING else f.default
+        if f.name in _SHARED:
+            _SHARED[f.name](parser, default)
+            continue
+        help_text = f.metadata["help"]
+        if f.name in RUN_CHOICES:
+            help_text += " (" + ", ".join(RUN_CHOICES[f.name]) + ")"
+        if f.name not in required and default is not None:
+            help_text += f" [default: {default}]"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_RUN_TYPES.get(f.name, str),
+            default=default,
+            required=f.name in required,
+            metavar=f.name.upper(),
+            help=help_text,
+        )
+
+
+def add_train_teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    """``train-teacher``'s options (see ``reference_experiments.teacher.train_teacher``)."""
+    parser.add_argument(
+        "--arch", required=True, help="teacher model (" + ", ".join(MODEL_NAMES) + ")"
+    )
+    parser.add_argument(
+        "--dataset", required=True, help="dataset (" + ", ".join(DATASET_NAMES) + ")"
+    )
+    parser.add_argument("--epochs", type=positive_int, required=True)
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--out", required=True, help="output folder")
+    add_data_dir(parser)
+    parser.add_argument(
+        "--split-seed",
+        type=seed_int,
+        default=0,
+        help="seed of the train/test split for cars64/digits (default 0)",
+    )
+    add_device(parser, "auto")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def add_import_teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    """``import-teacher``'s options (see ``reference_experiments.import_teacher``)."""
+    parser.add_argument(
+        "--arch", required=True, help="the checkpoint's model (" + ", ".join(MODEL_NAMES) + ")"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH.pth",
+        help="RepDistiller/mdistiller checkpoint ({'model': state_dict, ...} or a state dict)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="cifar100",
+        help="the data set it was trained on (" + ", ".join(IMPORT_DATASETS) + ") "
+        "[default: cifar100]; its test accuracy is measured when the data are there",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    add_data_dir(parser)
+    add_device(parser, "auto")
+
+
+def check_choice(kind: str, value: str, choices: Iterable[str]) -> str:
+    """``value`` if it is one of ``choices``, else the one-line ``ValueError`` of
+    ``RunConfig.validate``."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose from {', '.join(choices)}")
+    return value
+
+
+def misspelt_option(argv: Sequence[str], known: Iterable[str]) -> str | None:
+    """The message for the first ``--option`` in ``argv`` that is neither a known option
+    nor an unambiguous prefix of one, with the closest known option; None if all are."""
+    known = sorted(known)
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        if name in known or sum(k.startswith(name) for k in known) == 1:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"unrecognized option {name}{hint}"
+    return None
+
+
+def option_strings(parsers: Iterable[argparse.ArgumentParser]) -> set[str]:
+    """Every ``--long`` option of ``parsers``."""
+    return {s for p in parsers for a in p._actions for s in a.option_strings if s.startswith("--")}
+
+
+def describe_methods(descriptions: Mapping[str, str] = METHOD_DESCRIPTIONS) -> str:
+    """The ``student --help`` epilog: one line per method."""
+    return "methods:\n" + "\n".join(f"  {k:<14} {v}" for k, v in descriptions.items())
