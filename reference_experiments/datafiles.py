@@ -72,9 +72,11 @@ class _DataDir:
         return cls(default_data_dir(), "the default")
 
     def describe(self) -> str:
-        how = f"choose it with --data-dir or $CKD_DATA_DIR; default {_shared_data_dir()}"
+        default = _shared_data_dir()
+        how = f"choose it with --data-dir or $CKD_DATA_DIR; default {default}"
+        how += "" if default.is_dir() else ", which does not exist"
         if self.path is None:
-            return f"no data directory ({how}, which does not exist)"
+            return f"no data directory ({how})"
         return f"data dir {self.path} from {self.origin} ({how})"
 
     def folder(self, dataset: str, name: str, marker: str) -> Path:
@@ -87,7 +89,7 @@ class _DataDir:
 
 
 #: Per dataset: (title, where it comes from, how to get it). ``{d}`` = the data dir,
-#: ``{shared}`` = the project's shared data folder.
+#: ``{copy}`` = "copy the project's shared copy; or " where that folder exists.
 _SOURCES: dict[str, tuple[str, str, str]] = {
     "cifar100": (
         "CIFAR-100",
@@ -102,21 +104,22 @@ _SOURCES: dict[str, tuple[str, str, str]] = {
         "run torchvision.datasets.CIFAR10('{d}', download=True) on a machine with internet "
         "access, or download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
         "into {d} (extracting it is optional); or use --dataset cifar10-jpeg, the JPEG q75 "
-        "copy (folder cifar10-jpeg/ of {shared})",
+        "copy (python -m reference_experiments prepare-data builds it from that archive)",
     ),
     "cifar10-jpeg": (
         "CIFAR-10 JPEG copy (cifar10-jpeg)",
         "the project's JPEG q75 copy of CIFAR-10 (cifar10-jpeg.tar.xz + classes.txt, "
         "see its README.md)",
-        "copy the folder {shared}/cifar10-jpeg into {d}; or use --dataset cifar10 with the "
-        "official archive (torchvision.datasets.CIFAR10(root, download=True) or "
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)",
+        "{copy}run python -m reference_experiments prepare-data --source "
+        "cifar-10-python.tar.gz --data-dir {d}, which builds it from the official archive "
+        "(https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz); or use --dataset cifar10 "
+        "with that archive",
     ),
     "cars64": (
         "Stanford Cars 64-pixel training half (cars64)",
         "the project's 64x64 copy of the 8,144 Stanford Cars training images "
         "(cars-train64-jpeg.tar.xz + classes.txt, see its README.md)",
-        "copy the folder {shared}/stanford-cars-train64 into {d}; or rebuild it from "
+        "{copy}rebuild it from "
         "torchvision.datasets.StanfordCars's folder layout (stanford_cars/devkit + "
         "cars_train, which torchvision no longer downloads: get it by hand, e.g. from "
         "Kaggle) by cropping each training image to its box and resizing it to 64x64 as "
@@ -130,18 +133,26 @@ _SOURCES: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: the project's shared copy of a dataset: its folder in the shared data folder
+_SHARED_COPIES = {"cifar10-jpeg": "cifar10-jpeg", "cars64": "stanford-cars-train64"}
+
+
 def _not_found(name: str, searched: str, where: _DataDir) -> DatasetNotFoundError:
     """One-line error: what was searched, where the data dir came from, how to get it."""
     title, origin, how = _SOURCES[name]
     d = str(where.path) if where.path is not None else "<data dir>"
+    shared = _shared_data_dir() / _SHARED_COPIES.get(name, "")
+    copy = (
+        f"copy the folder {shared} into {d}; or "
+        if name in _SHARED_COPIES and shared.is_dir()
+        else ""
+    )
     parts = [f"{title} not found"]
     if searched:
         parts.append(f": {searched}")
     if name != "digits":
         parts.append(f"; {where.describe()}")
-    parts.append(
-        f"; it comes from {origin}; to get it, {how.format(d=d, shared=_shared_data_dir())}"
-    )
+    parts.append(f"; it comes from {origin}; to get it, {how.format(d=d, copy=copy)}")
     return DatasetNotFoundError(re.sub(r"\s*[\r\n]+\s*", " ", "".join(parts)))  # one line
 
 
