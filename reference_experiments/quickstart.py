@@ -28,6 +28,7 @@ The constants below are shared with the Keras quick start (``keras_quickstart``)
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -64,21 +65,31 @@ def pin_kernel_isa(environ: MutableMapping[str, str] = os.environ) -> dict[str, 
     return pinned
 
 
+#: how each ``environment`` field is named in the report, in report order
+_ENVIRONMENT_LABELS = {
+    "torch": "torch",
+    "torch_cpu_capability": "torch CPU kernels",
+    "keras": "keras",
+    "keras_backend": "Keras backend",
+    "jax": "jax",
+    "xla_flags": "XLA_FLAGS",
+    "numpy": "numpy",
+    "python": "Python",
+    "machine": "machine",
+    "cpu_model": "CPU",
+    "git_commit": "commit",
+}
+
+
 def describe_environment(rows: list[dict[str, Any]]) -> str:
     """One line per distinct ``environment`` of ``rows``, for the report."""
-    seen = {repr(sorted(r.get("environment", {}).items())): r.get("environment") for r in rows}
+    seen = {json.dumps(r.get("environment"), sort_keys=True): r.get("environment") for r in rows}
     lines = []
     for env in seen.values():
-        if not env:
-            lines.append("- (rows without a recorded environment)")
-            continue
-        commit = env.get("git_commit")
-        lines.append(
-            f"- torch {env.get('torch')} (CPU kernels {env.get('torch_cpu_capability')}), "
-            f"keras {env.get('keras')}, numpy {env.get('numpy')}, Python {env.get('python')}; "
-            f"{env.get('machine')} {env.get('cpu_model')}"
-            + (f"; commit {commit[:12]}" if commit else "")
-        )
+        fields = [
+            f"{label} {env[k]}" for k, label in _ENVIRONMENT_LABELS.items() if env and env.get(k)
+        ]
+        lines.append("- " + ("; ".join(fields) or "(rows without a recorded environment)"))
     return "Environment of the rows:\n\n" + "\n".join(lines) + "\n"
 
 
