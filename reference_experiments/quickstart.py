@@ -28,7 +28,6 @@ The constants below are shared with the Keras quick start (``keras_quickstart``)
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -65,34 +64,6 @@ def pin_kernel_isa(environ: MutableMapping[str, str] = os.environ) -> dict[str, 
     return pinned
 
 
-#: how each ``environment`` field is named in the report, in report order
-_ENVIRONMENT_LABELS = {
-    "torch": "torch",
-    "torch_cpu_capability": "torch CPU kernels",
-    "keras": "keras",
-    "keras_backend": "Keras backend",
-    "jax": "jax",
-    "xla_flags": "XLA_FLAGS",
-    "numpy": "numpy",
-    "python": "Python",
-    "machine": "machine",
-    "cpu_model": "CPU",
-    "git_commit": "commit",
-}
-
-
-def describe_environment(rows: list[dict[str, Any]]) -> str:
-    """One line per distinct ``environment`` of ``rows``, for the report."""
-    seen = {json.dumps(r.get("environment"), sort_keys=True): r.get("environment") for r in rows}
-    lines = []
-    for env in seen.values():
-        fields = [
-            f"{label} {env[k]}" for k, label in _ENVIRONMENT_LABELS.items() if env and env.get(k)
-        ]
-        lines.append("- " + ("; ".join(fields) or "(rows without a recorded environment)"))
-    return "Environment of the rows:\n\n" + "\n".join(lines) + "\n"
-
-
 def config(out: Path) -> dict[str, Any]:
     """The quick start as a grid config."""
     return grid.parse_config(
@@ -126,7 +97,7 @@ def main(out: str | os.PathLike[str] = "runs/quickstart") -> Path:
     import torch
 
     from . import report
-    from .rows import read_rows
+    from .rows import describe_environment, read_rows
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

@@ -298,3 +298,17 @@ def test_quickstart_rows_identical_under_every_kernel_isa(tmp_path):
         assert {r["environment"]["torch_cpu_capability"] for r in rows[name]} == {"AVX2"}
     first, *others = rows.values()
     assert all(other == first for other in others)
+
+
+def test_describe_environment_one_line_per_environment():
+    from reference_experiments.rows import describe_environment
+
+    avx2 = {"torch": "2.13.0", "torch_cpu_capability": "AVX2", "cpu_model": "X", "jax": None}
+    rows = [{"environment": avx2}, {"environment": dict(avx2)}, {"run_id": "old"}]
+    rows.append({"environment": {**avx2, "torch_cpu_capability": "AVX512"}})
+    lines = describe_environment(rows).splitlines()[2:]
+    assert lines == [
+        "- torch 2.13.0; torch CPU kernels AVX2; CPU X",
+        "- (rows without a recorded environment)",
+        "- torch 2.13.0; torch CPU kernels AVX512; CPU X",
+    ]
