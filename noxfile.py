@@ -173,7 +173,6 @@ def wheel(session: nox.Session) -> None:
     into this fresh virtualenv and, from a folder outside the clone, imports the
     packages and runs ``python -m reference_experiments --help``."""
     dist = Path(session.create_tmp()).resolve() / "dist"
-    session.install("--no-compile", "-c", CONSTRAINTS, "pip")
     session.run("python", "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT))
     (built,) = dist.glob("ckd_core-*.whl")
     session.run("python", "-c", _CHECK_WHEEL, str(built))

@@ -92,9 +92,11 @@ class DataDir:
         return cls(default_data_dir(), "the default")
 
     def describe(self) -> str:
-        how = f"choose it with --data-dir or $CKD_DATA_DIR; default {_shared_data_dir()}"
+        default = _shared_data_dir()
+        how = f"choose it with --data-dir or $CKD_DATA_DIR; default {default}"
+        how += "" if default.is_dir() else ", which does not exist"
         if self.path is None:
-            return f"no data directory ({how}, which does not exist)"
+            return f"no data directory ({how})"
         return f"data dir {self.path} from {self.origin} ({how})"
 
     def folder(self, dataset: str, name: str, marker: str) -> Path:
@@ -117,7 +119,13 @@ def _not_found(name: str, searched: str, where: DataDir) -> DatasetNotFoundError
         parts.append(f": {searched}")
     if spec.uses_data_dir:
         parts.append(f"; {where.describe()}")
-    how = spec.how_to_get.format(d=d, shared=_shared_data_dir())
+    shared = _shared_data_dir() / (spec.shared_copy or "")
+    copy = (
+        f"copy the folder {shared} into {d}; or "
+        if spec.shared_copy and shared.is_dir()
+        else ""
+    )
+    how = spec.how_to_get.format(d=d, copy=copy)
     parts.append(f"; it comes from {spec.source}; to get it, {how}")
     return DatasetNotFoundError(re.sub(r"\s*[\r\n]+\s*", " ", "".join(parts)))  # one line
 

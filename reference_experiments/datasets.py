@@ -36,7 +36,8 @@ class DatasetSpec:
     """A data set: how to load it, where it comes from, and how its images are shaped.
 
     ``source``/``how_to_get`` fill the missing-data message (``{d}``: the data dir,
-    ``{shared}``: the project's shared data folder); ``image_size`` is the stored
+    ``{copy}``: "copy the folder <shared copy> into {d}; or " where ``shared_copy``, the
+    project's copy in its shared data folder, exists); ``image_size`` is the stored
     size, ``crop`` the training random-crop and test centre-crop size after
     ``pad`` pixels of zero padding; ``mean``/``std`` ``None``: measured on the
     training split.
@@ -55,6 +56,7 @@ class DatasetSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     uses_data_dir: bool = True
+    shared_copy: str | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -115,8 +117,9 @@ register_dataset(
         classes=100,
         crop=32,
         pad=4,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
+        # RepDistiller's CIFAR-100 normalisation (the official code's)
+        mean=(0.5071, 0.4867, 0.4408),
+        std=(0.2675, 0.2565, 0.2761),
     )
 )
 register_dataset(
@@ -128,7 +131,7 @@ register_dataset(
         "run torchvision.datasets.CIFAR10('{d}', download=True) on a machine with internet "
         f"access, or download {CIFAR_URL}/cifar-10-python.tar.gz "
         "into {d} (extracting it is optional); or use --dataset cifar10-jpeg, the JPEG q75 "
-        "copy (folder cifar10-jpeg/ of {shared})",
+        "copy (python -m reference_experiments prepare-data builds it from that archive)",
         image_size=32,
         classes=10,
         crop=32,
@@ -144,15 +147,16 @@ register_dataset(
         load_cifar10_jpeg,
         "the project's JPEG q75 copy of CIFAR-10 (cifar10-jpeg.tar.xz + classes.txt, "
         "see its README.md)",
-        "copy the folder {shared}/cifar10-jpeg into {d}; or use --dataset cifar10 with the "
-        "official archive (torchvision.datasets.CIFAR10(root, download=True) or "
-        f"{CIFAR_URL}/cifar-10-python.tar.gz)",
+        "{copy}run python -m reference_experiments prepare-data --source "
+        "cifar-10-python.tar.gz --data-dir {d}, which builds it from the official archive "
+        f"({CIFAR_URL}/cifar-10-python.tar.gz); or use --dataset cifar10 with that archive",
         image_size=32,
         classes=10,
         crop=32,
         pad=4,
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
+        shared_copy="cifar10-jpeg",
     )
 )
 register_dataset(
@@ -162,7 +166,7 @@ register_dataset(
         load_cars64,
         "the project's 64x64 copy of the 8,144 Stanford Cars training images "
         "(cars-train64-jpeg.tar.xz + classes.txt, see its README.md)",
-        "copy the folder {shared}/stanford-cars-train64 into {d}; or rebuild it from "
+        "{copy}rebuild it from "
         "torchvision.datasets.StanfordCars's folder layout (stanford_cars/devkit + "
         "cars_train, which torchvision no longer downloads: get it by hand, e.g. from "
         "Kaggle) by cropping each training image to its box and resizing it to 64x64 as "
@@ -174,6 +178,7 @@ register_dataset(
         # measured on all 8,144 64x64 images (shared folder README)
         mean=(0.4022, 0.4001, 0.4211),
         std=(0.2716, 0.2666, 0.2707),
+        shared_copy="stanford-cars-train64",
     )
 )
 register_dataset(

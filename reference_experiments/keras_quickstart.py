@@ -37,15 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .quickstart import (
-    BUDGETS,
-    METHODS,
-    SEEDS,
-    TEACHER_EPOCHS,
-    describe_environment,
-    pin_kernel_isa,
-)
-from .rows import run_environment
+from .quickstart import BUDGETS, METHODS, SEEDS, TEACHER_EPOCHS, pin_kernel_isa
+from .rows import describe_environment, run_environment
 
 LABELS = {"ce": "CE only", "kd": "KD", "rkd": "RKD", "ckd_all": "CKD (all pairs)"}
 #: the Keras recipe (see the module doc): its own epochs, early stopping and lrs

@@ -64,24 +64,6 @@ def pin_kernel_isa(environ: MutableMapping[str, str] = os.environ) -> dict[str, 
     return pinned
 
 
-def describe_environment(rows: list[dict[str, Any]]) -> str:
-    """One line per distinct ``environment`` of ``rows``, for the report."""
-    seen = {repr(sorted(r.get("environment", {}).items())): r.get("environment") for r in rows}
-    lines = []
-    for env in seen.values():
-        if not env:
-            lines.append("- (rows without a recorded environment)")
-            continue
-        commit = env.get("git_commit")
-        lines.append(
-            f"- torch {env.get('torch')} (CPU kernels {env.get('torch_cpu_capability')}), "
-            f"keras {env.get('keras')}, numpy {env.get('numpy')}, Python {env.get('python')}; "
-            f"{env.get('machine')} {env.get('cpu_model')}"
-            + (f"; commit {commit[:12]}" if commit else "")
-        )
-    return "Environment of the rows:\n\n" + "\n".join(lines) + "\n"
-
-
 def config(out: Path) -> dict[str, Any]:
     """The quick start as a grid config."""
     return grid.parse_config(
@@ -115,7 +97,7 @@ def main(out: str | os.PathLike[str] = "runs/quickstart") -> Path:
     import torch
 
     from . import report
-    from .rows import read_rows
+    from .rows import describe_environment, read_rows
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

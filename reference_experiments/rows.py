@@ -36,6 +36,7 @@ __all__ = [
     "ResultRow",
     "append_row",
     "atomic_write_bytes",
+    "describe_environment",
     "finished_ids",
     "read_rows",
     "run_environment",
@@ -95,6 +96,34 @@ def _environment() -> dict[str, str | None]:
         "cpu_model": _cpu_model(),
         "git_commit": _git_commit(),
     }
+
+
+#: how each ``environment`` field is named in the report, in report order
+_ENVIRONMENT_LABELS = {
+    "torch": "torch",
+    "torch_cpu_capability": "torch CPU kernels",
+    "keras": "keras",
+    "keras_backend": "Keras backend",
+    "jax": "jax",
+    "xla_flags": "XLA_FLAGS",
+    "numpy": "numpy",
+    "python": "Python",
+    "machine": "machine",
+    "cpu_model": "CPU",
+    "git_commit": "commit",
+}
+
+
+def describe_environment(rows: list[dict[str, Any]]) -> str:
+    """One line per distinct ``environment`` of ``rows``, for the report."""
+    seen = {json.dumps(r.get("environment"), sort_keys=True): r.get("environment") for r in rows}
+    lines = []
+    for env in seen.values():
+        fields = [
+            f"{label} {env[k]}" for k, label in _ENVIRONMENT_LABELS.items() if env and env.get(k)
+        ]
+        lines.append("- " + ("; ".join(fields) or "(rows without a recorded environment)"))
+    return "Environment of the rows:\n\n" + "\n".join(lines) + "\n"
 
 
 @dataclass

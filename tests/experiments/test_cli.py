@@ -167,6 +167,24 @@ def test_missing_data_messages_name_only_existing_folders(tmp_path, monkeypatch)
         assert paths and all(Path(p).exists() for p in paths if p.startswith(str(tmp_path)))
 
 
+@pytest.mark.parametrize("name", ["cifar10-jpeg", "cars64"])
+def test_loader_names_the_shared_copy_only_where_it_exists(tmp_path, monkeypatch, name):
+    from reference_experiments import datafiles
+
+    monkeypatch.setattr(datafiles, "_repo_root", lambda: tmp_path / "repo")
+    copy = tmp_path / "shared" / "data" / datafiles._SHARED_COPIES[name]
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileNotFoundError) as absent:
+        data.load_dataset(name, tmp_path / "d")
+    assert str(copy) not in str(absent.value)
+    if name == "cifar10-jpeg":
+        assert "prepare-data --source cifar-10-python.tar.gz" in str(absent.value)
+    copy.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as present:
+        data.load_dataset(name, tmp_path / "d")
+    assert f"copy the folder {copy} into {tmp_path / 'd'}" in str(present.value)
+
+
 @pytest.mark.parametrize(
     "content,match",
     [

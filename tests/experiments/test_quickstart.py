@@ -258,12 +258,14 @@ def test_pin_kernel_isa_respects_the_users_choice(monkeypatch):
     assert quickstart.pin_kernel_isa({}) == {}  # other architectures: other kernels
 
 
+#: a reduced quick start through the command line; 3 teacher epochs suffice for AVX-512 and
+#: AVX2 kernels to give different rows when nothing pins them (measured on an AVX-512 CPU)
 _REDUCED_QUICKSTART = """
 import sys
 from reference_experiments import quickstart
 from reference_experiments.__main__ import main
 quickstart.METHODS, quickstart.BUDGETS, quickstart.SEEDS = ("ce", "ckd_all"), (100,), (0, 1)
-quickstart.MAX_EPOCHS, quickstart.TEACHER_EPOCHS = 3, 1
+quickstart.MAX_EPOCHS, quickstart.TEACHER_EPOCHS = 3, 3
 sys.exit(main(["quickstart", "--out", sys.argv[1]]))
 """
 #: what depends on the machine's speed or the clock, not on the arithmetic
@@ -296,3 +298,17 @@ def test_quickstart_rows_identical_under_every_kernel_isa(tmp_path):
         assert {r["environment"]["torch_cpu_capability"] for r in rows[name]} == {"AVX2"}
     first, *others = rows.values()
     assert all(other == first for other in others)
+
+
+def test_describe_environment_one_line_per_environment():
+    from reference_experiments.rows import describe_environment
+
+    avx2 = {"torch": "2.13.0", "torch_cpu_capability": "AVX2", "cpu_model": "X", "jax": None}
+    rows = [{"environment": avx2}, {"environment": dict(avx2)}, {"run_id": "old"}]
+    rows.append({"environment": {**avx2, "torch_cpu_capability": "AVX512"}})
+    lines = describe_environment(rows).splitlines()[2:]
+    assert lines == [
+        "- torch 2.13.0; torch CPU kernels AVX2; CPU X",
+        "- (rows without a recorded environment)",
+        "- torch 2.13.0; torch CPU kernels AVX512; CPU X",
+    ]
