@@ -203,7 +203,8 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own handle: np.load leaves its file open when the archive is corrupt
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None  # unreadable/corrupt cache: rebuild

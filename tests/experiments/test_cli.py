@@ -170,9 +170,10 @@ def test_missing_data_messages_name_only_existing_folders(tmp_path, monkeypatch)
 @pytest.mark.parametrize("name", ["cifar10-jpeg", "cars64"])
 def test_loader_names_the_shared_copy_only_where_it_exists(tmp_path, monkeypatch, name):
     from reference_experiments import datafiles
+    from reference_experiments.datasets import dataset_spec
 
     monkeypatch.setattr(datafiles, "_repo_root", lambda: tmp_path / "repo")
-    copy = tmp_path / "shared" / "data" / datafiles._SHARED_COPIES[name]
+    copy = tmp_path / "shared" / "data" / str(dataset_spec(name).shared_copy)
     (tmp_path / "d").mkdir()
     with pytest.raises(FileNotFoundError) as absent:
         data.load_dataset(name, tmp_path / "d")
