@@ -10,7 +10,9 @@ input values, in a non-finite loss: never in a finite number.
 Classes: shapes, ranks, dtypes, indices (``pairs``/``groups``), weights,
 hyperparameters, non-finite values, and bad values under tracing
 (``jax.jit``, ``tf.function`` with unknown static sizes, ``torch.func.vmap``),
-where values cannot be checked and must turn the loss into NaN.
+where values cannot be checked and must turn the loss into NaN. Extreme but
+valid inputs keep their exact value: weights times any scale, Hessians
+(against finite differences of the gradient), copies and pickles.
 
 Shapes are tiny, and a loss is drawn per example (not parametrized), so that
 each property costs one property's examples; under JAX each property keeps
@@ -25,7 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from helpers import BACKEND, LOSSES, NP_DTYPES, sizes, to_float
+from helpers import BACKEND, LOSSES, NP_DTYPES, WEIGHTED_LOSSES, sizes, to_float, to_numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,23 +35,12 @@ import ckd_core
 from ckd_core import functional as F
 
 ERRORS = (ValueError, TypeError, IndexError)
-WEIGHTED = [name for name, case in LOSSES.items() if case.weights]
 APIS = ["function", "class"] + {"torch": ["torch"], "tensorflow": ["tensorflow"]}.get(BACKEND, [])
 
 if BACKEND == "torch":
     import ckd_torch
     import torch
-
-    TORCH_MODULES: dict[str, Callable[[], Any]] = {
-        "comparative": ckd_torch.ComparativeLoss,
-        "projected": lambda: ckd_torch.ProjectedRKDLoss(out_dim=2, seed=3),
-        "kd": ckd_torch.KDLoss,
-        "dist": ckd_torch.DISTLoss,
-        "rkd_distance": lambda: ckd_torch.RKDLoss(distance_weight=1.0, angle_weight=0.0),
-        "rkd_angle": lambda: ckd_torch.RKDLoss(distance_weight=0.0, angle_weight=1.0),
-    }
 if BACKEND == "tensorflow":
-    import ckd_tensorflow
     import tensorflow as tf
 
 
@@ -65,11 +56,10 @@ def call(name: str, api: str, t: Any, s: Any, **options: Any) -> Any:
     if api == "function":
         return case.fn(t, s, **options)
     if api == "torch":
-        return TORCH_MODULES[name]()(s, t, **options)
-    loss = case.make()
-    if api == "tensorflow":  # the adapter's classes (the core classes, re-exported)
-        loss = getattr(ckd_tensorflow, type(loss).__name__).from_config(loss.get_config())
-    return loss(t, s, **options)
+        return case.make_torch()(s, t, **options)
+    if api == "tensorflow":
+        return case.make_tensorflow()(t, s, **options)
+    return case.make()(t, s, **options)
 
 
 def expect_clear_failure(thunk: Callable[[], Any], names: tuple[str, ...]) -> None:
@@ -271,7 +261,7 @@ WEIGHT_KINDS = [
 
 
 @given(
-    st.sampled_from(WEIGHTED),
+    st.sampled_from(WEIGHTED_LOSSES),
     st.sampled_from(APIS),
     st.sampled_from(WEIGHT_KINDS),
     sizes(2, 8),
@@ -481,4 +471,68 @@ def test_torch_adapter_names_a_numpy_input(name, which):
         s = s.numpy()
     else:
         t = t.numpy()
-    expect_clear_failure(lambda: TORCH_MODULES[name]()(s, t), (which, "numpy"))
+    expect_clear_failure(lambda: LOSSES[name].make_torch()(s, t), (which, "numpy"))
+
+
+# ---------------------------------------------------------------------------
+# Extreme but valid: weights times a scale, Hessians, copies
+# ---------------------------------------------------------------------------
+
+
+@given(
+    st.sampled_from(WEIGHTED_LOSSES),
+    st.sampled_from(APIS),
+    st.integers(-30, 19),
+    sizes(2, 8),
+    st.integers(0, 2**16),
+)
+def test_weights_times_a_scale_keep_the_loss(name, api, exponent, n, seed):
+    """float32 weights times ``10**exponent`` (under- and overflowing squares) change nothing."""
+    t, s = (_tensor(x, api) for x in _values(n, 3, seed))
+    w = np.random.default_rng(seed).uniform(0.1, 1.0, n).astype("float32")
+    scaled = (w * np.float32(10.0) ** exponent).astype("float32")
+    if api == "torch":
+        w, scaled = torch.as_tensor(w), torch.as_tensor(scaled)
+    want = to_float(call(name, api, t, s, sample_weight=w))
+    got = to_float(call(name, api, t, s, sample_weight=scaled))
+    assert abs(got - want) <= 1e-5 * abs(want) + 1e-30, (exponent, got, want)
+
+
+@pytest.mark.skipif(BACKEND == "numpy", reason="the numpy backend computes no gradients")
+@given(st.sampled_from(list(LOSSES)), sizes(3, 5), st.integers(0, 2**16))
+def test_hessian_vector_product_matches_the_gradient(name, n, seed):
+    """``H v`` by double backpropagation equals the central difference of the gradient."""
+    from helpers import to_tensor, value_and_grad
+    from test_core_numerics import hessian
+
+    rng = np.random.default_rng(seed)
+    t, s, v = (rng.standard_normal((n, 2)) for _ in range(3))
+    fn = LOSSES[name].fn
+    h = hessian(fn, t, s)
+    np.testing.assert_allclose(h, h.T, rtol=1e-6, atol=1e-8)
+
+    def grad(x):
+        return value_and_grad(fn, [to_tensor(t), to_tensor(x)])[1][0]
+
+    step = 1e-5
+    fd = (grad(s + step * v) - grad(s - step * v)) / (2 * step)
+    np.testing.assert_allclose(h @ v.ravel(), fd.ravel(), rtol=1e-5, atol=1e-6)
+
+
+@given(
+    st.sampled_from(list(LOSSES)),
+    st.sampled_from([api for api in APIS if api != "function"]),
+    st.sampled_from(["deepcopy", "pickle"]),
+    st.integers(0, 2**16),
+)
+def test_copies_compute_the_same_loss(name, api, how, seed):
+    """A deep copy or a pickled loss has the same config and value as the original."""
+    import copy
+    import pickle
+
+    case = LOSSES[name]
+    loss = {"class": case.make, "torch": case.make_torch, "tensorflow": case.make_tensorflow}[api]()
+    clone = copy.deepcopy(loss) if how == "deepcopy" else pickle.loads(pickle.dumps(loss))
+    t, s = (_tensor(x, api) for x in _values(5, 3, seed))
+    args = (s, t) if api == "torch" else (t, s)
+    np.testing.assert_allclose(to_numpy(clone(*args)), to_numpy(loss(*args)), rtol=1e-6)

@@ -9,6 +9,8 @@ import pytest
 from helpers import (
     BACKEND,
     HAS_GRADIENTS,
+    LOSS_NAMES,
+    LOSSES,
     assert_close,
     dtype_of,
     expected_out_dtypes,
@@ -20,15 +22,28 @@ from helpers import (
 import ckd_core
 from ckd_core import functional as F
 
-CLASSES_AND_CONFIGS = [
-    (ckd_core.ComparativeLoss, {}),
-    (ckd_core.ComparativeLoss, {"name": "ckd", "dtype": "float64"}),
-    (ckd_core.RKDLoss, {"distance_weight": 2.0, "angle_weight": 0.0}),
-    (ckd_core.RKDLoss, {}),
-    (ckd_core.ProjectedRKDLoss, {"out_dim": 4, "projection": "orthogonal", "seed": 3}),
-    (ckd_core.ProjectedRKDLoss, {"out_dim": None, "projection": "identity"}),
-    (ckd_core.KDLoss, {"temperature": 2.5}),
-    (ckd_core.DISTLoss, {"beta": 2.0, "gamma": 0.5, "tau": 3.0}),
+# Options beyond each loss's table hyperparameters (``helpers.LOSSES``).
+OPTION_VARIANTS = {
+    "table": lambda case: {},
+    "named_float64": lambda case: {"name": "custom", "dtype": "float64"},
+    "reduction": lambda case: {"reduction": "sum" if case.decomposes else "sum_over_batch_size"},
+}
+# Hyperparameters other than the table's that change the config.
+HYPERPARAMETER_VARIANTS = {
+    "projected": [
+        {"out_dim": 4, "projection": "orthogonal", "seed": 3},
+        {"out_dim": None, "projection": "identity"},
+    ],
+    "kd": [{"temperature": 2.5}],
+    "dist": [{"beta": 2.0, "gamma": 0.5, "tau": 3.0}],
+    "rkd_distance": [{"distance_weight": 2.0, "angle_weight": 0.0}],
+}
+SERIALIZATION_CASES = [
+    (name, variant, {}) for name in LOSS_NAMES for variant in OPTION_VARIANTS
+] + [
+    (name, "table", hyperparameters)
+    for name, variants in HYPERPARAMETER_VARIANTS.items()
+    for hyperparameters in variants
 ]
 
 
@@ -36,8 +51,11 @@ def _value(loss, batch) -> float:
     return to_float(loss(*batch.tensors()))
 
 
-@pytest.mark.parametrize("cls, config", CLASSES_AND_CONFIGS)
-def test_serialization_round_trip(cls, config):
+@pytest.mark.parametrize("name, variant, hyperparameters", SERIALIZATION_CASES)
+def test_serialization_round_trip(name, variant, hyperparameters):
+    case = LOSSES[name]
+    config = {**case.hyperparameters, **hyperparameters, **OPTION_VARIANTS[variant](case)}
+    cls = type(case.make())
     loss = cls(**config)
     batch = make_batch(6, 5, "float32", seed=1)
     expected = _value(loss, batch)
@@ -59,21 +77,27 @@ def test_serialization_round_trip(cls, config):
     assert type(keras.losses.deserialize(keras.losses.serialize(loss))) is cls
 
 
-def test_class_values_match_oracle():
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_class_values_match_oracle(name):
+    batch = make_batch(7, 4, "float64", seed=2)
+    case = LOSSES[name]
+    want = case.oracle(batch.teacher, batch.student)
+    assert_close(_value(case.make(), batch), want, "float64", atol=1e-12)
+
+
+def test_class_hyperparameters_match_oracle():
     batch = make_batch(7, 4, "float64", seed=2)
     t, s = batch.teacher, batch.student
     rkd = 25 * oracle.rkd_distance(t, s) + 50 * oracle.rkd_angle(t, s)
     p = ckd_core.ProjectedRKDLoss(out_dim=3, seed=5)
-    checks = {
-        ckd_core.ComparativeLoss(): oracle.comparative(t, s),
-        ckd_core.RKDLoss(): rkd,
-        ckd_core.RKDLoss(distance_weight=1.0, angle_weight=0.0): oracle.rkd_distance(t, s),
-        p: oracle.projected(t, s, F.make_projection(4, 3, "gaussian", 5)),
-        ckd_core.ProjectedRKDLoss(out_dim=None, projection="identity"): oracle.comparative(t, s),
-        ckd_core.KDLoss(temperature=3.0): oracle.kd(t, s, 3.0),
-        ckd_core.DISTLoss(beta=2.0): oracle.dist(t, s, beta=2.0),
-    }
-    for loss, want in checks.items():
+    checks = [
+        (ckd_core.RKDLoss(), rkd),
+        (p, oracle.projected(t, s, F.make_projection(4, 3, "gaussian", 5))),
+        (ckd_core.ProjectedRKDLoss(out_dim=None, projection="identity"), oracle.comparative(t, s)),
+        (ckd_core.KDLoss(temperature=3.0), oracle.kd(t, s, 3.0)),
+        (ckd_core.DISTLoss(beta=2.0), oracle.dist(t, s, beta=2.0)),
+    ]
+    for loss, want in checks:
         assert_close(_value(loss, batch), want, "float64", atol=1e-12)
     np.testing.assert_array_equal(p.matrix(4), F.make_projection(4, 3, "gaussian", 5))
 
@@ -102,11 +126,11 @@ def test_comparative_class_pairs_groups_and_sample_weight():
     )
 
 
-def test_losses_without_sample_weight_support_reject_it():
+@pytest.mark.parametrize("name", [n for n in LOSS_NAMES if not LOSSES[n].weights])
+def test_losses_without_sample_weight_support_reject_it(name):
     t, s = make_batch(4, 3, "float32", seed=4).tensors()
-    for loss in (ckd_core.RKDLoss(), ckd_core.DISTLoss()):
-        with pytest.raises(ValueError, match="sample_weight"):
-            loss(t, s, sample_weight=np.ones(4))
+    with pytest.raises(ValueError, match="sample_weight"):
+        LOSSES[name].make()(t, s, sample_weight=np.ones(4))
 
 
 def test_dtype_argument_casts_inputs():
@@ -133,17 +157,9 @@ def _model(d_in: int = 6, d_out: int = 4, seed: int = 0) -> keras.Model:
     return keras.Sequential([keras.Input((d_in,)), keras.layers.Dense(d_out)])
 
 
-@pytest.mark.parametrize(
-    "loss",
-    [
-        ckd_core.ComparativeLoss(),
-        ckd_core.KDLoss(),
-        ckd_core.RKDLoss(),
-        ckd_core.ProjectedRKDLoss(out_dim=3),
-    ],
-    ids=lambda loss: type(loss).__name__,
-)
-def test_tiny_model_trains_two_steps(loss):
+@pytest.mark.parametrize("name", ["comparative", "kd", "rkd_angle", "projected"])
+def test_tiny_model_trains_two_steps(name):
+    loss = LOSSES[name].make()
     x, teacher = _data()
     model = _model()
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss)

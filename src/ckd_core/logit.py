@@ -121,8 +121,9 @@ def dist_loss(
     tau = check_number(tau, "tau", positive=True)
     check_reduction(reduction, "DIST")
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred, min_batch=1)
-    p_student = ops.softmax(y_pred / tau, axis=-1)
-    p_teacher = ops.softmax(y_true / tau, axis=-1)
+    # exp(log_softmax): Keras' softmax warns for one class (dim 1), a valid input.
+    p_student = ops64.exp(ops.log_softmax(y_pred / tau, axis=-1))
+    p_teacher = ops64.exp(ops.log_softmax(y_true / tau, axis=-1))
     inter = 1 - _mean_pearson(p_student, p_teacher, axis=1)
     intra = 1 - _mean_pearson(p_student, p_teacher, axis=0)
     # softmax maps -inf logits to a finite 0: keep non-finite input visible.

@@ -3,7 +3,11 @@
 Each class is a thin, serializable wrapper: the maths lives in the function.
 These losses reduce over the batch themselves (a pair involves two samples),
 so ``sample_weight`` is passed to the function, not applied afterwards, and
-the result keeps the input dtype unless ``dtype`` is given.
+the result keeps the input dtype unless ``dtype`` is given. ``reduction``
+has Keras' meaning where the loss is a mean of per-sample terms (KD, CKD,
+RKD_d: ``"sum_over_batch_size"``, ``"sum"``, ``None``/``"none"``); the
+batch-level RKD and DIST accept only the default. Copies (``copy``,
+``pickle``) keep ``all_reduce``/``all_gather``.
 """
 
 from __future__ import annotations

@@ -185,10 +185,10 @@ def rkd_angle_loss(
     as cosine 0, as in RepDistiller. Cosines come from the Gram matrix of the
     centred batch, in anchor chunks of bounded memory; the gradient is
     analytic, so backpropagation needs no ``(n, n, n)`` tensor. The teacher
-    side carries no gradient. Rows closer than ``sqrt(eps)`` times
-    ``sqrt(||x_i - m||^2 + ||x_j - m||^2)`` (``m`` the batch mean) count as
-    duplicates (cosine 0); cosines of rows a few times farther apart keep a
-    relative error of about ``eps ||x - m||^2 / ||x_i - x_j||^2``. With an unknown (traced)
+    side carries no gradient. Rows closer than ``sqrt(8 eps)`` times
+    ``sqrt(||x_i - m||^2 + ||x_j - m||^2)`` (``m`` the batch mean; 1e-3 in
+    float32) count as duplicates (cosine 0); farther apart, a cosine keeps
+    a relative error of about ``eps ||x - m||^2 / ||x_i - x_j||^2``. With an unknown (traced)
     batch size, e.g. ``tf.function`` with a ``None`` batch dimension, all
     anchors form one chunk: O(n^3) memory. ``all_gather``: as in
     :func:`rkd_distance_loss` (O(N^3) time for the global batch N).
