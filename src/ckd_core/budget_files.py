@@ -165,17 +165,8 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         except Exception as exc:  # SafetensorError derives from Exception only
             raise _not_a_cache(path, f"not a valid safetensors file ({exc})") from None
         return tensors, meta
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise _not_a_cache(path, f"not a valid .npz file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise _not_a_cache(path, "a single .npy array, not an .npz archive")
-    try:
-        with data:
-            tensors = {k: data[k] for k in data.files}
-    except Exception as exc:  # pickled (object) arrays, truncated members...
-        raise _not_a_cache(path, f"unreadable member ({type(exc).__name__}: {exc})") from None
+    with open(path, "rb") as handle:  # closed on every error (np.load leaks it on some)
+        tensors = _npz_members(path, handle)
     raw = tensors.pop(_META_KEY, None)
     if raw is None:
         raise _not_a_cache(path, f"it has no {_META_KEY!r} entry (a foreign .npz?)")
@@ -186,6 +177,21 @@ def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _not_a_cache(path, f"its {_META_KEY!r} entry is not a dict of strings")
     return tensors, meta
+
+
+def _npz_members(path: str, handle: Any) -> dict[str, np.ndarray]:
+    """Every member of the ``.npz`` archive open in ``handle``; raises naming ``path``."""
+    try:
+        data = np.load(handle, allow_pickle=False)
+    except Exception as exc:
+        raise _not_a_cache(path, f"not a valid .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise _not_a_cache(path, "a single .npy array, not an .npz archive")
+    try:
+        with data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # pickled (object) arrays, truncated members...
+        raise _not_a_cache(path, f"unreadable member ({type(exc).__name__}: {exc})") from None
 
 
 def saved_metadata(path: str, meta: Mapping[str, str]) -> Any:
