@@ -32,6 +32,11 @@ THIRD_PARTY_WARNINGS = (
     # Keras' torch backend converts tensors with np.array(x), which NumPy 2
     # warns about for torch's __array__ signature.
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning",
+    # torch.compile (Dynamo) internals, warned while tracing any function.
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+    "ignore:`torch._prims_common.check` is deprecated:FutureWarning",
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+    ":DeprecationWarning",
     # NumPy (the numpy backend) on the non-finite inputs that tests pass on
     # purpose: the loss is then NaN or inf, which the tests check.
     "ignore:invalid value encountered:RuntimeWarning",
