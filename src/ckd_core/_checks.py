@@ -305,7 +305,7 @@ def _check_weight_values(values: np.ndarray) -> None:
 
 
 def _weights(
-    sample_weight: Tensor | None, like: Tensor, n: int | None = None
+    sample_weight: Tensor | None, like: Tensor, n: int | None = None, *, normalise: bool = True
 ) -> tuple[Tensor | None, Tensor | None]:
     """Validates ``sample_weight``: ``(per-sample vector, None)`` or ``(None, scalar)``.
 
@@ -314,7 +314,9 @@ def _weights(
     are invariant to a common factor, which then can neither underflow nor
     overflow). Weights must be finite and >= 0: checked where the values
     are on the host (:func:`_host_values`), else bad entries become NaN.
-    Returned in ``like``'s dtype.
+    Returned in ``like``'s dtype. ``normalise=False`` keeps the 1-D weights as
+    given: a data-parallel loss must scale every replica's shard alike, which a
+    local peak does not.
     """
     if sample_weight is None:
         return None, None
@@ -354,7 +356,7 @@ def _weights(
         w = ops64.where(valid, w, ops.cast(float("nan"), dtype))
     if len(shape) == 0:
         return None, w
-    return w / _peak(w), None
+    return (w / _peak(w) if normalise else w), None
 
 
 def _scale(loss: Tensor, scale: Tensor | None) -> Tensor:

@@ -263,7 +263,7 @@ def _all_pairs_loss(
     if sample_weight is None:  # the hot path: no call overhead
         w, scale = None, None
     else:
-        w, scale = _weights(sample_weight, e, e.shape[0])
+        w, scale = _weights(sample_weight, e, e.shape[0], normalise=all_reduce is None)
     if reduction == MEAN:
         return _scale(_all_pairs_mse(e, w, all_reduce), scale)
     terms, peak = _all_pairs_terms(e, w)
