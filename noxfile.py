@@ -1,4 +1,5 @@
-"""nox sessions: ``tests`` on every Keras backend, ``lint``, ``typecheck`` and ``wheel``.
+"""nox sessions: ``tests`` on every Keras backend, ``lint``, ``typecheck``,
+``wheel`` and ``docs``.
 
 Plain ``nox`` runs all of them (this is the README's test command and what
 ``.ci/run`` calls). ``nox -s "tests(torch)"`` runs one backend; arguments
@@ -27,8 +28,9 @@ LINT_PATHS = [
     "tests",
     "noxfile.py",
     "conftest.py",
+    "docs/hooks",
 ]
-TYPECHECK_PATHS = ["src", "adapters", "reference_experiments", "benchmarks"]
+TYPECHECK_PATHS = ["src", "adapters", "reference_experiments", "benchmarks", "docs/hooks"]
 # Doctests in src/ and adapters/ run next to tests/; the root conftest.py
 # skips each adapter's package unless its backend is the active one.
 TEST_PATHS = ["tests", "src/ckd_core", "adapters"]
@@ -52,7 +54,7 @@ EXPERIMENT_TESTS = "tests/experiments"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 nox.options.default_venv_backend = "virtualenv"
-nox.options.sessions = ["tests", "lint", "typecheck", "wheel"]
+nox.options.sessions = ["tests", "lint", "typecheck", "wheel", "docs"]
 nox.options.error_on_external_run = True
 
 _NO_NVIDIA = """
@@ -127,7 +129,6 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
 
 
-nox.options.sessions.append("docs")
 
 
 @nox.session

@@ -26,7 +26,7 @@ case take turns) after warm-up.
 Usage::
 
     python benchmarks/losses.py --quick            # small grid (CI, ``nox -s bench``)
-    python benchmarks/losses.py --full             # the grid of the README table
+    python benchmarks/losses.py --full             # the grid of docs/performance.md
     python benchmarks/losses.py --full --only rkd  # one loss family
     python benchmarks/losses.py --adapter          # adapter vs peers at training sizes
 

@@ -1,4 +1,4 @@
-"""The README's Performance section (``results/README_performance.md``) from a run's JSON."""
+"""The performance table (``results/README_performance.md``, in docs/performance.md) from JSON."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ NAMES = {
 
 
 def readme_section(report: dict[str, Any], source: str) -> str:
-    """The README's "Performance" section: key rows, targets, machine, versions, command."""
+    """The "Performance" table of docs/performance.md: key rows, targets, machine, versions, command."""
     rows, meta = report["results"], report["meta"]
     f32 = {"dtype": "float32", "backend": "torch"}
     lines = [

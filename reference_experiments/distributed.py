@@ -8,7 +8,7 @@ without those variables it does nothing and every helper below answers as a
 one-process run (rank 0 of 1), so the same code runs unchanged in a single
 process.
 
-What the reference experiments do with it (see the README, "Scaling out"):
+What the reference experiments do with it (see docs/distributed.md):
 
 * rank 0 alone queries the teacher (so the budget is counted once) and
   :func:`broadcast_tensors` sends the cached outputs to the other ranks;

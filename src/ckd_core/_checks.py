@@ -5,7 +5,7 @@ Every loss of :mod:`ckd_core.functional` runs its inputs through
 ``sample_weight`` through :func:`_weights`, its index arguments through
 :func:`_indices` and its hyperparameters through :func:`check_number`.
 
-What is checked where (the README's "Shared behaviour" states the rules):
+What is checked where (docs/behaviour.md states the rules):
 
 * Types, dtypes, ranks and static sizes are checked on every call, traced or
   not: they are known while tracing.

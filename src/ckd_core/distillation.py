@@ -30,7 +30,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from ckd_core._checks import check_number
+from ckd_core._checks import Tensor, check_number
+from ckd_core._checks import register_serializable as _register
 from ckd_core.budget import TeacherBudget
 from ckd_core.losses import ComparativeLoss, DISTLoss, ProjectedRKDLoss, RKDLoss
 
@@ -42,9 +43,6 @@ __all__ = [
     "RelationalDistillation",
     "budgeted_targets",
 ]
-
-Tensor = Any
-_register = keras.saving.register_keras_serializable(package="ckd_core")
 
 
 def _as_value_error(make: Any, *args: Any, **kwargs: Any) -> Any:
