@@ -135,7 +135,7 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Loss benchmark (benchmarks/losses.py): ``--quick`` grid unless arguments follow ``--``.
 
-    ``nox -s bench -- --full`` runs the grid of the README's Performance table
+    ``nox -s bench -- --full`` runs the grid of docs/performance.md's table
     (about an hour on 2 cores); results go to ``benchmarks/results/``. Not part
     of the default sessions: timings are not tests.
     """

@@ -29,7 +29,7 @@ NAMES = {
 
 
 def readme_section(report: dict[str, Any], source: str) -> str:
-    """The "Performance" table of docs/performance.md: key rows, targets, machine, versions, command."""
+    """docs/performance.md's table: key rows, targets, machine, versions, command."""
     rows, meta = report["results"], report["meta"]
     f32 = {"dtype": "float32", "backend": "torch"}
     lines = [
