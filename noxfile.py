@@ -129,8 +129,6 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
 
 
-
-
 @nox.session
 def bench(session: nox.Session) -> None:
     """Loss benchmark (benchmarks/losses.py): ``--quick`` grid unless arguments follow ``--``.

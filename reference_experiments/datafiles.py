@@ -120,11 +120,7 @@ def _not_found(name: str, searched: str, where: DataDir) -> DatasetNotFoundError
     if spec.uses_data_dir:
         parts.append(f"; {where.describe()}")
     shared = _shared_data_dir() / (spec.shared_copy or "")
-    copy = (
-        f"copy the folder {shared} into {d}; or "
-        if spec.shared_copy and shared.is_dir()
-        else ""
-    )
+    copy = f"copy the folder {shared} into {d}; or " if spec.shared_copy and shared.is_dir() else ""
     how = spec.how_to_get.format(d=d, copy=copy)
     parts.append(f"; it comes from {spec.source}; to get it, {how}")
     return DatasetNotFoundError(re.sub(r"\s*[\r\n]+\s*", " ", "".join(parts)))  # one line
