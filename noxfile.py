@@ -100,7 +100,8 @@ def tests(session: nox.Session, backend: str) -> None:
     if backend != EXPERIMENTS_BACKEND:
         paths.append(f"--ignore={EXPERIMENT_TESTS}")
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    session.run("pytest", "-q", *(session.posargs or paths), env=env)
+    # One pytest-xdist worker per core: most tests are single-threaded.
+    session.run("pytest", "-q", "-n", "auto", *(session.posargs or paths), env=env)
 
 
 @nox.session
