@@ -202,26 +202,24 @@ def _cmd_quickstart(a: argparse.Namespace) -> int:
 
 
 def _cmd_train_teacher(a: argparse.Namespace) -> int:
+    from .teacher_spec import TeacherSpec
+
     opts.check_choice("arch", a.arch, opts.MODEL_NAMES)
     opts.check_choice("dataset", a.dataset, opts.DATASET_NAMES)
+    spec = TeacherSpec.from_arguments(a)
     _writable(Path(a.out) / "teacher.json", "--out")
-    check_dataset_files(a.dataset, a.data_dir)
+    check_dataset_files(spec.dataset, a.data_dir)
     from . import distributed as rdist
     from .data import load_dataset
     from .devices import resolve_device
     from .teacher import train_teacher
 
     resolve_device(a.device)
-    dataset = load_dataset(a.dataset, a.data_dir, seed=a.split_seed)
     path = train_teacher(
-        a.arch,
-        dataset,
-        epochs=a.epochs,
-        seed=a.seed,
+        spec,
+        load_dataset(spec.dataset, a.data_dir, seed=spec.split_seed),
         out_dir=a.out,
         device=a.device,
-        batch_size=a.batch_size,
-        lr=a.lr,
         progress=not a.no_progress,
     )
     if rdist.is_main():

@@ -19,6 +19,7 @@ from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
 from .config import PRESETS, TEACHER_VIEWS, RunConfig
+from .teacher_spec import SEED_MAX, add_teacher_arguments, int_in
 
 __all__ = [
     "DATASET_NAMES",
@@ -40,6 +41,8 @@ DATASET_NAMES: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg", "cars64
 MODEL_NAMES: tuple[str, ...] = (
     "resnet110",
     "resnet32",
+    "resnet32x4",
+    "resnet8x4",
     "wrn_40_2",
     "wrn_16_2",
     "vgg13",
@@ -96,7 +99,6 @@ DATA_DIR_HELP = (
     "the clone when it exists; `prepare-data` builds cifar10-jpeg there)"
 )
 PRESET_HELP = "schedule: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
-SEED_MAX = 2**32 - 1
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -108,23 +110,9 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _int_at_least(low: int, high: int | None = None) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _int_at_least(1)
-non_negative_int = _int_at_least(0)
-seed_int = _int_at_least(0, SEED_MAX)
+positive_int = int_in(1)
+non_negative_int = int_in(0)
+seed_int = int_in(0, SEED_MAX)
 
 
 def device_name(text: str) -> str:
@@ -185,27 +173,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, required: Sequence[str
 
 
 def add_train_teacher_arguments(parser: argparse.ArgumentParser) -> None:
-    """``train-teacher``'s options (see ``reference_experiments.teacher.train_teacher``)."""
-    parser.add_argument(
-        "--arch", required=True, help="teacher model (" + ", ".join(MODEL_NAMES) + ")"
-    )
-    parser.add_argument(
-        "--dataset", required=True, help="dataset (" + ", ".join(DATASET_NAMES) + ")"
-    )
-    parser.add_argument("--epochs", type=positive_int, required=True)
-    parser.add_argument("--seed", type=seed_int, default=0)
-    parser.add_argument("--out", required=True, help="output folder")
-    add_data_dir(parser)
-    parser.add_argument(
-        "--split-seed",
-        type=seed_int,
-        default=0,
-        help="seed of the train/test split for cars64/digits (default 0)",
-    )
+    """``train-teacher``'s options: one per :class:`~.teacher_spec.TeacherSpec` field (its
+    bounds give the checked number types), plus the shared ``--device``/``--data-dir``/
+    ``--preset`` (see ``reference_experiments.teacher.train_teacher``)."""
+    add_teacher_arguments(parser, shared=False)
+    for action in parser._actions:  # name the choices known without importing the engine
+        if action.dest == "arch":
+            action.help = f"{action.help} ({', '.join(MODEL_NAMES)})"
+        elif action.dest == "dataset":
+            action.help = f"{action.help} ({', '.join(DATASET_NAMES)})"
     add_device(parser, "auto")
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--no-progress", action="store_true")
+    add_data_dir(parser)
+    add_preset(parser)
 
 
 def add_import_teacher_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,8 @@
 """The run configuration, defined once: :class:`RunConfig` and its presets.
 
 Every field carries its role in ``metadata`` and everything else is derived
-from it: the CLI options (:func:`add_arguments` / :func:`from_arguments`, with
-help text and choices), the run id (:meth:`RunConfig.run_id`: a hash of the
+from it: the CLI options (``cli_options.add_run_arguments`` / :func:`from_arguments`,
+with help text and checked types), the run id (:meth:`RunConfig.run_id`: a hash of the
 fields that determine a result), the grid axes (:data:`GRID_AXES`: the plural
 TOML key of each list-valued field) and the "can train together" key
 (:meth:`RunConfig.stack_key`: every identity field except seed and lr, which
@@ -23,7 +23,7 @@ import argparse
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "TEACHER_VIEWS",
     "Preset",
     "RunConfig",
-    "add_arguments",
     "from_arguments",
     "replace",
 ]
@@ -267,48 +266,7 @@ def _choices(f: Any) -> Sequence[Any] | None:
     return c() if callable(c) else c
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    required: Sequence[str] = (),
-    describe: Mapping[str, Mapping[str, str]] | None = None,
-) -> None:
-    """Adds one ``--option`` per CLI field of :class:`RunConfig`.
-
-    ``describe``: per field, one line per choice, appended to its help text
-    (e.g. every method with its description).
-    """
-    for f in fields(RunConfig):
-        if not f.metadata["cli"]:
-            continue
-        default = None if f.default is MISSING else f.default
-        kind = f.type if isinstance(f.type, type) else str(f.type)
-        typ: Any = str
-        if "int" in str(kind):
-            typ = int
-        elif "float" in str(kind):
-            typ = float
-        help_text = f.metadata["help"]
-        choices = _choices(f)
-        if describe and f.name in describe:
-            lines = [f"{k}: {v}" for k, v in describe[f.name].items()]
-            help_text += " -- " + "; ".join(lines)
-        elif choices is not None:
-            help_text += " (" + ", ".join(map(str, choices)) + ")"
-        if f.name not in required and default is not None:
-            help_text += f" [default: {default}]"
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=typ,
-            default=default,
-            required=f.name in required,
-            metavar=f.name.upper(),
-            help=help_text,
-        )
-
-
 def from_arguments(ns: argparse.Namespace) -> RunConfig:
-    """The :class:`RunConfig` of parsed :func:`add_arguments` options, validated."""
+    """The :class:`RunConfig` of parsed ``cli_options.add_run_arguments`` options, validated."""
     values = {f.name: getattr(ns, f.name) for f in fields(RunConfig) if hasattr(ns, f.name)}
     return RunConfig(**values).validate()

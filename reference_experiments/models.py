@@ -3,6 +3,7 @@
 ``create_model(name, num_classes, in_channels=3)`` builds one of
 
 - ``resnet110``, ``resnet32`` (CIFAR ResNets, basic blocks, widths 16/16/32/64),
+- ``resnet32x4``, ``resnet8x4`` (the same, widths 32/64/128/256),
 - ``wrn_40_2``, ``wrn_16_2`` (pre-activation wide ResNets),
 - ``vgg13``, ``vgg8`` (the *batch-norm* VGG variants, as RepDistiller's ``model_dict``
   maps ``vgg13 -> vgg13_bn`` and ``vgg8 -> vgg8_bn``),
@@ -10,7 +11,8 @@
 
 The CIFAR definitions follow RepDistiller (HobbitLong/RepDistiller, ``models/``) layer
 for layer, including weight initialisation, so parameter counts match exactly
-(at 100 classes: resnet110 1,736,564; resnet32 472,756; wrn_40_2 2,255,156;
+(at 100 classes: resnet110 1,736,564; resnet32 472,756; resnet32x4 7,433,860;
+resnet8x4 1,233,540; wrn_40_2 2,255,156;
 wrn_16_2 703,284; vgg13 9,462,180; vgg8 3,965,028). The only change: the fixed
 ``AvgPool2d(8)`` of the ResNet/WRN heads is a global average pool, which is identical
 at 32x32 and lets the models accept other sizes (e.g. 56x56 Stanford Cars crops).
@@ -110,7 +112,7 @@ class CifarResNet(nn.Module):
         f1 = self.layer1(f0)
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
-        f4 = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
+        f4 = f3.mean((2, 3))  # = adaptive_avg_pool2d(.., 1); vmap-friendly (no as_strided_)
         logits = self.fc(f4)
         if return_features:
             return logits, [f0, f1, f2, f3, f4]
@@ -181,7 +183,7 @@ class WideResNet(nn.Module):
         f2 = self.block2(f1)
         f3 = self.block3(f2)
         out = F.relu(self.bn1(f3))
-        f4 = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        f4 = out.mean((2, 3))  # = adaptive_avg_pool2d(.., 1); vmap-friendly (no as_strided_)
         logits = self.fc(f4)
         if return_features:
             return logits, [f0, f1, f2, f3, f4]
@@ -241,7 +243,7 @@ class VGG(nn.Module):
         f3 = F.relu(self.block3(F.max_pool2d(f2, 2)))
         x = F.max_pool2d(f3, 2) if h == 64 else f3
         f4 = F.relu(self.block4(x))
-        f5 = torch.flatten(F.adaptive_avg_pool2d(f4, 1), 1)
+        f5 = f4.mean((2, 3))  # = adaptive_avg_pool2d(.., 1); vmap-friendly (no as_strided_)
         logits = self.classifier(f5)
         if return_features:
             return logits, [f0, f1, f2, f3, f4, f5]
@@ -269,7 +271,7 @@ class DigitsCNN(nn.Module):
         f0 = F.relu(self.bn1(self.conv1(x)))
         f1 = F.relu(self.bn2(self.conv2(f0)))
         f2 = F.relu(self.bn3(self.conv3(f1)))
-        f3 = torch.flatten(F.adaptive_avg_pool2d(f2, 1), 1)
+        f3 = f2.mean((2, 3))  # = adaptive_avg_pool2d(.., 1); vmap-friendly (no as_strided_)
         logits = self.fc(f3)
         if return_features:
             return logits, [f0, f1, f2, f3]
@@ -308,6 +310,8 @@ class DigitsMLP(nn.Module):
 _FACTORIES: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet110": lambda nc, ic: CifarResNet(110, nc, in_channels=ic),
     "resnet32": lambda nc, ic: CifarResNet(32, nc, in_channels=ic),
+    "resnet32x4": lambda nc, ic: CifarResNet(32, nc, widths=(32, 64, 128, 256), in_channels=ic),
+    "resnet8x4": lambda nc, ic: CifarResNet(8, nc, widths=(32, 64, 128, 256), in_channels=ic),
     "wrn_40_2": lambda nc, ic: WideResNet(40, 2, nc, in_channels=ic),
     "wrn_16_2": lambda nc, ic: WideResNet(16, 2, nc, in_channels=ic),
     "vgg13": lambda nc, ic: VGG(_VGG_CFG["vgg13"], nc, in_channels=ic),

@@ -97,7 +97,6 @@ def main(out: str | os.PathLike[str] = "runs/quickstart") -> Path:
     import torch
 
     from . import report
-    from .rows import describe_environment, read_rows
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -107,9 +106,7 @@ def main(out: str | os.PathLike[str] = "runs/quickstart") -> Path:
     runs = grid.expand(cfg)
     results = out / "results.jsonl"
     grid.run_grid(runs, results, grid.Runner(cfg), stack=len(SEEDS), grid_name="quickstart")
-    path = report.make_report([results], out)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n" + describe_environment(read_rows(results)))
+    path = report.make_report([results], out)  # ends with the rows' environments
     print(path.read_text(encoding="utf-8"))
     print(f"quick start: {len(runs)} student runs, wall {time.perf_counter() - t0:.1f} s")
     print(f"wrote {results} and {path}", file=sys.stderr)

@@ -34,7 +34,7 @@ from .config import PRESETS, RunConfig
 from .datasets import dataset_title
 from .methods import registry
 from .protocol import best_on_validation
-from .rows import atomic_write_bytes, read_rows
+from .rows import atomic_write_bytes, describe_environment, read_rows
 
 #: config fields that vary inside one setting (one table / figure)
 _WITHIN = {"method", "budget", "seed", "lr", "weights"}
@@ -554,7 +554,8 @@ def make_report(
     out_dir: str | os.PathLike[str],
     targets: Sequence[float] | None = None,
 ) -> Path:
-    """Writes ``report.md`` and PNG figures into ``out_dir``; returns the Markdown path."""
+    """Writes ``report.md`` (ending with the rows' environments) and PNG figures into
+    ``out_dir``; returns the Markdown path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     srcs: list[str | os.PathLike[str]] = (
@@ -592,6 +593,7 @@ def make_report(
         if (budget := spectrum_budget(grows)) is not None:
             png = plot_spectra(key, grows, budget, out / f"fig5_spectrum_{slug}.png")
             md += [f"![within-class spectrum]({png.name})", ""]
+    md += [describe_environment(raw)]
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
     return path

@@ -8,7 +8,8 @@ in_channels, split_seed, epochs, seed, test_accuracy (fraction in [0, 1]) and th
 sha256 of the safetensors file. ``load_teacher`` verifies that sha256 before
 loading with safetensors; nothing is ever unpickled.
 
-CLI (dispatched by ``python -m reference_experiments train-teacher``)::
+CLI (``python -m reference_experiments train-teacher``; its options are declared in
+``cli_options.add_train_teacher_arguments``, derived from :class:`TeacherSpec`)::
 
     python -m reference_experiments train-teacher --arch wrn_40_2 --dataset cifar10-jpeg \\
         --epochs 240 --seed 0 --out teachers/
@@ -22,7 +23,6 @@ saves, and every rank returns the same path.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import augment, preprocess_eval
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset
 from .devices import autocast as _autocast
 from .devices import resolve_device as _resolve_device
 from .models import create_model
 from .rows import atomic_write_bytes
-from .teacher_spec import TeacherSpec, add_teacher_arguments
+from .teacher_spec import TeacherSpec
 
-__all__ = ["evaluate", "load_teacher", "main", "teacher_name", "train_teacher"]
+__all__ = ["evaluate", "load_teacher", "teacher_name", "train_teacher"]
 
 FORMAT_VERSION = 1
 
@@ -334,33 +334,3 @@ def train_teacher(
     path = save_teacher(run.model, out_dir, name, meta)
     rdist.barrier()
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``train-teacher`` command line (a leading ``train-teacher`` token is ignored)."""
-    if argv and argv[0] == "train-teacher":
-        argv = argv[1:]
-    p = argparse.ArgumentParser(
-        prog="python -m reference_experiments train-teacher",
-        description="Train a teacher; save safetensors weights + JSON metadata.",
-    )
-    add_teacher_arguments(p)
-    args = p.parse_args(argv)
-    spec = TeacherSpec.from_arguments(args)
-    dataset = load_dataset(spec.dataset, args.data_dir, seed=spec.split_seed)
-    path = train_teacher(
-        spec, dataset, out_dir=args.out, device=args.device, progress=not args.no_progress
-    )
-    from . import distributed as rdist
-
-    if not rdist.is_main():
-        return
-    meta = json.loads(path.with_suffix(".json").read_text())
-    print(
-        f"{path}  test_accuracy={meta['test_accuracy']:.4f}  "
-        f"({meta['train_seconds']:.1f} s, {meta['train_images_per_s']:.0f} img/s)"
-    )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -22,13 +22,31 @@ from typing import Any
 
 from .config import PRESETS, Preset
 
-__all__ = ["GRID_TEACHER_KEYS", "TeacherSpec", "add_teacher_arguments"]
+__all__ = [
+    "GRID_TEACHER_KEYS",
+    "SEED_MAX",
+    "TeacherSpec",
+    "add_teacher_arguments",
+    "int_in",
+]
 
 
-def _opt(help: str, *, grid: str | None = "", required: bool = False) -> dict[str, Any]:
+SEED_MAX = 2**32 - 1
+
+
+def _opt(
+    help: str,
+    *,
+    grid: str | None = "",
+    required: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+) -> dict[str, Any]:
     """Field metadata: ``help`` for the CLI, ``grid``: its key in a grid's teacher table
-    (``""``: the field's name, ``None``: not a grid key), ``required`` on the CLI."""
-    return {"help": help, "grid": grid, "required": required}
+    (``""``: the field's name, ``None``: not a grid key), ``required`` on the CLI,
+    ``low``/``high``: the value's bounds (checked by :meth:`TeacherSpec.validate` and by
+    the CLI's option types, so both give the same limits)."""
+    return {"help": help, "grid": grid, "required": required, "low": low, "high": high}
 
 
 @dataclass(frozen=True)
@@ -38,12 +56,17 @@ class TeacherSpec:
 
     arch: str = field(metadata=_opt("teacher model", required=True))
     dataset: str = field(metadata=_opt("data set", grid=None, required=True))
-    epochs: int = field(metadata=_opt("training epochs", grid="train_epochs", required=True))
-    seed: int = field(default=0, metadata=_opt("seed of the init and the data order"))
-    split_seed: int = field(
-        default=0, metadata=_opt("seed of the train/test split for cars64/digits", grid=None)
+    epochs: int = field(metadata=_opt("training epochs", grid="train_epochs", required=True, low=1))
+    seed: int = field(
+        default=0, metadata=_opt("seed of the init and the data order", low=0, high=SEED_MAX)
     )
-    batch_size: int = field(default=128, metadata=_opt("images per step"))
+    split_seed: int = field(
+        default=0,
+        metadata=_opt(
+            "seed of the train/test split for cars64/digits", grid=None, low=0, high=SEED_MAX
+        ),
+    )
+    batch_size: int = field(default=128, metadata=_opt("images per step", low=1))
     lr: float = field(default=0.05, metadata=_opt("peak learning rate"))
     label_smoothing: float = field(default=0.0, metadata=_opt("cross-entropy label smoothing"))
     warmup_epochs: float = field(
@@ -66,8 +89,11 @@ class TeacherSpec:
         return self.optimiser.weight_decay
 
     def validate(self) -> TeacherSpec:
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
+        for f in fields(self):
+            low, high, value = f.metadata["low"], f.metadata["high"], getattr(self, f.name)
+            if (low is not None and value < low) or (high is not None and value > high):
+                bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ValueError(f"{f.name} must be {bound}, got {value!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         return self
@@ -115,26 +141,50 @@ GRID_TEACHER_KEYS: dict[str, str] = {
 }
 
 
-def add_teacher_arguments(parser: argparse.ArgumentParser, *, shared: bool = True) -> None:
-    """The ``train-teacher`` options, one per :class:`TeacherSpec` field, plus ``--out`` and
-    ``--no-progress``; ``shared``: also ``--device`` and ``--data-dir`` (leave them out
-    where a parent parser declares them)."""
-    from .datasets import dataset_names  # numpy, not torch
+def int_in(low: int, high: int | None = None) -> Any:
+    """An argparse type: an integer in ``[low, high]`` (error: ``must be an integer ...``)."""
 
-    choices = {"dataset": dataset_names(), "preset": list(PRESETS)}
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_teacher_arguments(parser: argparse.ArgumentParser, *, shared: bool = True) -> None:
+    """The ``train-teacher`` options, one per :class:`TeacherSpec` field (integers checked
+    against the field's bounds), plus ``--out`` and ``--no-progress``; ``shared``: also
+    ``--preset``, ``--device`` and ``--data-dir`` (leave them out where the caller declares
+    them, as ``cli_options.add_train_teacher_arguments`` does). Model and data-set names are
+    checked after parsing (one-line ``unknown ...`` errors, as for ``student``)."""
     for f in fields(TeacherSpec):
         if f.name == "preset" and not shared:
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind: Any = {"int": int, "float": float}.get(str(f.type), str)
+        if kind is int and f.metadata["low"] is not None:
+            kind = int_in(f.metadata["low"], f.metadata["high"])
+        required = f.metadata["required"]
+        help_text = f.metadata["help"]
+        if f.name == "preset":
+            help_text += " (" + ", ".join(PRESETS) + ")"
+        if not required:
+            help_text += f" [default: {f.default}]"
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
+            dest=f.name,
             type=kind,
-            required=f.metadata["required"],
-            default=None if f.metadata["required"] else f.default,
-            choices=choices.get(f.name),
-            help=f.metadata["help"],
+            required=required,
+            default=None if required else f.default,
+            metavar=f.name.upper(),
+            help=help_text,
         )
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-progress", action="store_true")
     if shared:
         parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, ...")

@@ -501,8 +501,13 @@ def _cli(argv, capsys) -> tuple[int, str, str]:
 
 def test_cli_grid_dry_run_lists_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc, out, err = _cli(["grid", "table1", "--dry-run", "--results", str(tmp_path / "r.jsonl")],
-                        capsys)  # fmt: skip
+    # the dry run checks that the data exist (here: table1's cifar10-jpeg archive, empty)
+    archive = tmp_path / "data" / "cifar10-jpeg" / "cifar10-jpeg.tar.xz"
+    archive.parent.mkdir(parents=True)
+    archive.touch()
+    monkeypatch.setenv("CKD_DATA_DIR", str(tmp_path / "data"))
+    rc, out, err = _cli(["grid", "table1", "--dry-run", "--data-dir", "data",
+                         "--results", str(tmp_path / "r.jsonl")], capsys)  # fmt: skip
     cfg = grid.load_config(ROOT / "reference_experiments" / "configs" / "table1.toml")
     runs = grid.expand(cfg)
     lines = out.splitlines()
@@ -521,8 +526,9 @@ def test_cli_grid_dry_run_lists_runs(tmp_path, capsys, monkeypatch):
     done = {line.split()[0] for line in out.splitlines() if line.split()[1] == "done"}
     assert done == {runs[0].run_id()} & {r.run_id() for r in grid.select_shard(runs, "0/2")}
     # --device/--data-dir do not change ids; --preset does
-    rc, out, _ = _cli(["grid", "table1", "--dry-run", "--device", "cpu", "--data-dir", "/x",
-                       "--results", str(tmp_path / "none.jsonl")], capsys)  # fmt: skip
+    rc, out, _ = _cli(["grid", "table1", "--dry-run", "--device", "cpu", "--data-dir",
+                       str(tmp_path / "data"), "--results", str(tmp_path / "none.jsonl")],
+                      capsys)  # fmt: skip
     assert [line.split()[0] for line in out.splitlines()] == [r.run_id() for r in runs]
     rc, out, _ = _cli(["grid", "table1", "--dry-run", "--preset", "fast",
                        "--results", str(tmp_path / "none.jsonl")], capsys)  # fmt: skip

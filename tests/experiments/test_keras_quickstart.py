@@ -51,7 +51,9 @@ def test_keras_quickstart_reduced(tmp_path, monkeypatch, capsys):
         assert f"| {label} | " in report
     assert report in capsys.readouterr().out
     assert (tmp_path / "qs" / "accuracy_vs_calls.png").stat().st_size > 0
-    rows = [json.loads(line) for line in (tmp_path / "qs" / "results.jsonl").open()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "qs" / "results.jsonl").read_text().splitlines()
+    ]
     assert [r["method"] for r in rows] == list(qs.METHODS)
     assert all(0 <= r["acc"] <= 1 and 1 <= r["epochs"] <= 3 for r in rows)
     assert [r["calls"] for r in rows] == [0, 80, 80, 80]

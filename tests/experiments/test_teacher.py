@@ -151,25 +151,30 @@ def test_evaluate_restores_mode(digits):
 
 
 def test_cli_main(tmp_path, capsys):
-    teacher.main(
-        [
-            "train-teacher",
-            "--arch",
-            "digits_mlp",
-            "--dataset",
-            "digits",
-            "--epochs",
-            "1",
-            "--seed",
-            "3",
-            "--out",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "256",
-            "--no-progress",
-        ]
+    from reference_experiments.__main__ import main as cli_main
+
+    assert (
+        cli_main(
+            [
+                "train-teacher",
+                "--arch",
+                "digits_mlp",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--seed",
+                "3",
+                "--out",
+                str(tmp_path),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "256",
+                "--no-progress",
+            ]
+        )
+        == 0
     )
     out = capsys.readouterr().out
     assert "test_accuracy=" in out
