@@ -62,6 +62,13 @@ def call(name: str, api: str, t: Any, s: Any, **options: Any) -> Any:
     return case.make()(t, s, **options)
 
 
+def _arg_names(names: tuple[str, ...], api: str) -> tuple[str, ...]:
+    """The core's argument names as ``api`` names them (ckd_torch: ``teacher``/``student``)."""
+    if api != "torch":
+        return names
+    return tuple({"y_true": "teacher", "y_pred": "student"}.get(n, n) for n in names)
+
+
 def expect_clear_failure(thunk: Callable[[], Any], names: tuple[str, ...]) -> None:
     """``thunk()`` raises a ValueError/TypeError/IndexError naming one of ``names``."""
     with pytest.raises(ERRORS) as info:
@@ -118,10 +125,35 @@ def test_bad_shapes_and_ranks_name_both_shapes(name, api, shapes, swap):
     def run() -> Any:
         return call(name, api, t, s)
 
+    flat_true, flat_pred = _flattened(true_shape, name, api), _flattened(pred_shape, name, api)
+    if (flat_true, flat_pred) != (true_shape, pred_shape) and _valid_features(flat_true, flat_pred):
+        # The torch feature modules flatten (batch, ...) to (batch, features)
+        # by design: the loss is that of the flattened features (random
+        # values, so that it is not the 0 of constant rows).
+        rng = np.random.default_rng(0)
+        t, s = (_tensor(rng.standard_normal(x).astype("float32"), api) for x in shapes)
+        if swap:
+            t, s = s, t
+        flat = to_float(call(name, api, t.reshape(flat_true), s.reshape(flat_pred)))
+        assert np.isfinite(flat) and flat > 0, flat
+        assert to_float(run()) == flat
+        return
     with pytest.raises(ValueError) as info:
         run()
     message = str(info.value)
     assert str(true_shape) in message and str(pred_shape) in message, message
+
+
+def _flattened(shape: tuple[int, ...], name: str, api: str) -> tuple[int, ...]:
+    """``shape`` as the API sees it: the torch feature modules flatten rank > 2."""
+    if api == "torch" and getattr(LOSSES[name].make_torch(), "flattens_features", False):
+        if len(shape) > 2:
+            return (shape[0], int(np.prod(shape[1:])))
+    return shape
+
+
+def _valid_features(true_shape: tuple[int, ...], pred_shape: tuple[int, ...]) -> bool:
+    return true_shape == pred_shape and len(true_shape) == 2 and min(true_shape) >= 1
 
 
 @given(st.sampled_from(["kd", "dist"]), st.sampled_from(APIS))
@@ -146,7 +178,8 @@ def test_non_float_inputs_name_the_argument(name, api, dtype, which):
     bad = np.ones((4, 3)).astype(dtype)
     t = _tensor(bad if which in ("y_true", "both") else good, api)
     s = _tensor(bad if which in ("y_pred", "both") else good, api)
-    expect_clear_failure(lambda: call(name, api, t, s), ("y_true", "y_pred"))
+    names = {"y_true": ("y_true",), "y_pred": ("y_pred",), "both": ("y_true", "y_pred")}[which]
+    expect_clear_failure(lambda: call(name, api, t, s), _arg_names(names, api))
 
 
 # ---------------------------------------------------------------------------
@@ -381,7 +414,9 @@ def test_non_finite_input_gives_non_finite_loss(name, api, value, where, dtype, 
     if name in ("kd", "dist") and n == 0:
         return
     t_in, s_in = _tensor(t, api), _tensor(s, api)
-    expect_error_or_nonfinite(lambda: call(name, api, t_in, s_in, **options), ("y_true",))
+    expect_error_or_nonfinite(
+        lambda: call(name, api, t_in, s_in, **options), _arg_names(("y_true",), api)
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -381,7 +381,12 @@ def _noise_scale(name: str, b: Batch) -> float:
 
 
 def _check_directional_derivatives(
-    fn, b: Batch, n_dirs: int = 1, noise: float = 0.0, move_teacher: bool = True
+    fn,
+    b: Batch,
+    n_dirs: int = 1,
+    noise: float = 0.0,
+    move_teacher: bool = True,
+    max_step: float = float("inf"),
 ) -> np.ndarray:
     """Central differences along random joint (teacher, student) directions vs autodiff.
 
@@ -392,7 +397,7 @@ def _check_directional_derivatives(
     f0, grads = value_and_grad(fn, [to_tensor(x) for x in args], wrt=(0, 1))
     assert all(np.all(np.isfinite(g)) for g in grads)
     rng = b.rng(13)
-    h = 1e-6 * max(float(np.sqrt(np.mean(b.student**2))), 1e-3)
+    h = min(1e-6 * max(float(np.sqrt(np.mean(b.student**2))), 1e-3), max_step)
     for _ in range(n_dirs):
         dirs = [rng.standard_normal(x.shape) for x in args]
         if not move_teacher:
@@ -426,7 +431,10 @@ GRAD_LOSSES = ["comparative", "weighted", "pairs", "groups", "projected", "kd", 
 )
 def test_gradients_match_finite_differences(name, b):
     fn = _loss_fns(b)[name]
-    _check_directional_derivatives(fn, b, noise=_noise_scale(name, b))
+    # KD (T=2) and DIST (tau=4) soften logits by a fixed temperature: their
+    # curvature does not shrink with large logits, so neither may the step.
+    max_step = 1e-4 if name in ("kd", "dist") else float("inf")
+    _check_directional_derivatives(fn, b, noise=_noise_scale(name, b), max_step=max_step)
 
 
 @requires_gradients

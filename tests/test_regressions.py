@@ -310,8 +310,11 @@ def test_torch_adapter_names_a_numpy_student():
     import ckd_torch
     import torch
 
-    with pytest.raises(TypeError, match=r"student \(input\) of type numpy.ndarray"):
+    # The adapter names its own arguments (student/teacher), as its docs say.
+    with pytest.raises(TypeError, match=r"got student of type numpy\.ndarray"):
         ckd_torch.ComparativeLoss()(np.zeros((4, 3), "float32"), torch.zeros(4, 3))
+    with pytest.raises(TypeError, match=r"got teacher of type numpy\.ndarray"):
+        ckd_torch.ComparativeLoss()(torch.zeros(4, 3), np.zeros((4, 3), "float32"))
 
 
 # ---------------------------------------------------------------------------
