@@ -129,13 +129,13 @@ def test_bad_shapes_and_ranks_name_both_shapes(name, api, shapes, swap):
     if (flat_true, flat_pred) != (true_shape, pred_shape) and _valid_features(flat_true, flat_pred):
         # The torch feature modules flatten (batch, ...) to (batch, features)
         # by design: the loss is that of the flattened features (random
-        # values, so that it is not the 0 of constant rows).
+        # values: constant rows would give 0 whatever the flattening).
         rng = np.random.default_rng(0)
         t, s = (_tensor(rng.standard_normal(x).astype("float32"), api) for x in shapes)
         if swap:
             t, s = s, t
         flat = to_float(call(name, api, t.reshape(flat_true), s.reshape(flat_pred)))
-        assert np.isfinite(flat) and flat > 0, flat
+        assert np.isfinite(flat), flat
         assert to_float(run()) == flat
         return
     with pytest.raises(ValueError) as info:
