@@ -465,12 +465,13 @@ def _share_cache(path: str, log: str, budget, ids: list[int], barrier) -> None:
             return
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks two processes")
 @pytest.mark.parametrize(("budget", "ids_a", "ids_b"), [(None, 30, 30), (12, 15, 15)])
 def test_two_processes_share_one_cache_file_and_budget(tmp_path, budget, ids_a, ids_b):
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")
+    # Spawned, not forked: once JAX (or TensorFlow, torch) has started its
+    # threads, fork() may deadlock the child (JAX warns, an error here).
+    context = multiprocessing.get_context("spawn")
     path, log = str(tmp_path / "shared.npz"), str(tmp_path / "calls.log")
     barrier = context.Barrier(2)
     ranges = (list(range(ids_a)), list(range(POOL - ids_b, POOL)))
