@@ -167,6 +167,15 @@ def test_batch_level_losses_refuse_per_sample_reductions(name):
             LOSSES[name].make_torch(reduction=reduction)
 
 
+#: case ids, known without torch (other backends collect this module too)
+COMPILE_CASES = [
+    *LOSS_NAMES,
+    "comparative-pairs",
+    "comparative-groups",
+    *(f"{name}-weights" for name in WEIGHTED_LOSSES),
+]
+
+
 def _compile_cases():
     """Every loss plain, CKD with pairs and groups, and every weighted loss with weights."""
     student, teacher = _pair(n=10, d=6, seed=3, dtype=torch.float32)
@@ -177,11 +186,12 @@ def _compile_cases():
     cases["comparative-pairs"] = ("comparative", {"pairs": (a, b)})
     cases["comparative-groups"] = ("comparative", {"groups": (ga, gb)})
     cases.update({f"{name}-weights": (name, {"sample_weight": w}) for name in WEIGHTED_LOSSES})
+    assert list(cases) == COMPILE_CASES
     return student, teacher, cases
 
 
 @pytest.mark.filterwarnings(DYNAMO_FUNCTION_WARNING)
-@pytest.mark.parametrize("case", list(_compile_cases()[2]))
+@pytest.mark.parametrize("case", COMPILE_CASES)
 def test_torch_compile_fullgraph_equals_eager(case):
     """Dynamo captures each loss in one graph (``fullgraph=True``), with equal value and grad."""
     student, teacher, cases = _compile_cases()
