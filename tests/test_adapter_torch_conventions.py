@@ -32,14 +32,6 @@ GLOBAL_BATCH_LOSSES = PAIRWISE_LOSSES  # the all-pairs and relational losses
 BATCH_LEVEL_LOSSES = [name for name in LOSS_NAMES if name not in DECOMPOSING_LOSSES]
 
 
-# Dynamo instantiates torch.autograd.Function itself while tracing a custom
-# autograd Function (a torch-internal deprecation, not ours).
-DYNAMO_FUNCTION_WARNING = (
-    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
-    ":DeprecationWarning"
-)
-
-
 def _pair(n: int = 8, d: int = 5, seed: int = 0, dtype=None):
     batch = make_batch(n, d, "float64", seed=seed)
     dtype = dtype or torch.float64
@@ -190,7 +182,6 @@ def _compile_cases():
     return student, teacher, cases
 
 
-@pytest.mark.filterwarnings(DYNAMO_FUNCTION_WARNING)
 @pytest.mark.parametrize("case", COMPILE_CASES)
 def test_torch_compile_fullgraph_equals_eager(case):
     """Dynamo captures each loss in one graph (``fullgraph=True``), with equal value and grad."""

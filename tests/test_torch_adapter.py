@@ -19,14 +19,6 @@ if BACKEND == "torch":
     import torch
 
 
-# Dynamo instantiates torch.autograd.Function itself while tracing a custom
-# autograd Function (a torch-internal deprecation, not ours).
-DYNAMO_FUNCTION_WARNING = (
-    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
-    ":DeprecationWarning"
-)
-
-
 def _pair(n: int = 8, d: int = 5, seed: int = 0, dtype=None):
     batch = make_batch(n, d, "float64", seed=seed)
     dtype = dtype or torch.float64
@@ -118,7 +110,6 @@ def test_sample_weight():
     assert_close(got.item(), oracle.comparative(batch.teacher, batch.student, w.numpy()), "float64")
 
 
-@pytest.mark.filterwarnings(DYNAMO_FUNCTION_WARNING)
 def test_torch_compile():
     # backend="eager": exercises dynamo graph capture of the Keras ops
     # without inductor's C++ compilation (minutes on this CPU).

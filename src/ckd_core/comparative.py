@@ -6,6 +6,7 @@ Includes the data-parallel statistics (``all_reduce``) of the all-pairs form.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -270,6 +271,22 @@ def _all_pairs_loss(
     return _scale(_reduce(terms, reduction) * peak * peak, scale)
 
 
+def _matched_indices(
+    arg: Any, name: str, rank: int, e: Tensor, size: str
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``name=(a, b)`` checked as index arrays of ``rank`` into ``e``'s rows, with the same
+    leading ``size``: ``(a, b, out-of-range marker of a, of b)``."""
+    index_a, index_b = _index_pair(arg, name)
+    a, bad_a = _indices(index_a, f"{name}[0]", rank, e)
+    b, bad_b = _indices(index_b, f"{name}[1]", rank, e)
+    if None not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{name}[0] and {name}[1] must have the same {size}, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    return a, b, bad_a, bad_b
+
+
 def _groups_loss(
     e: Tensor, groups: Sequence[Tensor], sample_weight: Tensor | None, reduction: str
 ) -> Tensor:
@@ -278,14 +295,7 @@ def _groups_loss(
         raise ValueError(
             "sample_weight is not supported with groups (a group mean has no per-row weight)."
         )
-    group_a, group_b = _index_pair(groups, "groups")
-    ga, bad_a = _indices(group_a, "groups[0]", 2, e)
-    gb, bad_b = _indices(group_b, "groups[1]", 2, e)
-    if None not in (ga.shape[0], gb.shape[0]) and ga.shape[0] != gb.shape[0]:
-        raise ValueError(
-            "groups[0] and groups[1] must have the same number of groups (rows), got "
-            f"shapes {tuple(ga.shape)} and {tuple(gb.shape)}."
-        )
+    ga, gb, bad_a, bad_b = _matched_indices(groups, "groups", 2, e, "number of groups (rows)")
     peak = _peak(e)
     scaled = e / peak
     mean_a = _mean(ops.take(scaled, ga, axis=0), axis=1)
@@ -298,14 +308,7 @@ def _pairs_loss(
     e: Tensor, pairs: Sequence[Tensor], sample_weight: Tensor | None, reduction: str
 ) -> Tensor:
     """Mean over the listed pairs and columns (pair weight ``w_a w_b``)."""
-    index_a, index_b = _index_pair(pairs, "pairs")
-    a, bad_a = _indices(index_a, "pairs[0]", 1, e)
-    b, bad_b = _indices(index_b, "pairs[1]", 1, e)
-    if None not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]:
-        raise ValueError(
-            "pairs[0] and pairs[1] must have the same length, got shapes "
-            f"{tuple(a.shape)} and {tuple(b.shape)}."
-        )
+    a, b, bad_a, bad_b = _matched_indices(pairs, "pairs", 1, e, "length")
     peak = _peak(e)
     scaled = e / peak
     per_pair = _mean(
