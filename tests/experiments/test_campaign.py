@@ -10,19 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
+from reference_experiments import campaign, grid
+from reference_experiments.rows import read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import campaign, grid  # noqa: E402
-from reference_experiments.rows import read_rows  # noqa: E402
 
 TINY = {
     "name": "tiny",

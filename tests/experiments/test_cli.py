@@ -14,19 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
+from reference_experiments import __main__ as cli
+from reference_experiments import cli_options, data, engine, methods, models
+from reference_experiments.prepare_data import CIFAR10_CLASSES
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import __main__ as cli  # noqa: E402
-from reference_experiments import cli_options, data, engine, methods, models  # noqa: E402
-from reference_experiments.prepare_data import CIFAR10_CLASSES  # noqa: E402
 
 COMMANDS = tuple(cli.COMMANDS)
 STUDENT = ["student", "--dataset", "digits", "--student-arch", "digits_mlp", "--method", "ce",

@@ -13,18 +13,13 @@ import urllib.error
 from pathlib import Path
 
 import numpy as np
+import PIL.Image as PIL_Image
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-PIL_Image = pytest.importorskip("PIL.Image")
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import data, data_cifar, datafiles, rows  # noqa: E402
-from reference_experiments.augment import augment, preprocess_eval  # noqa: E402
-from reference_experiments.data import (  # noqa: E402
+from reference_experiments import data, data_cifar, datafiles, rows
+from reference_experiments.augment import augment, preprocess_eval
+from reference_experiments.data import (
     CARS_DUPLICATE_PAIRS,
     DataIntegrityError,
     DatasetNotFoundError,
@@ -32,7 +27,9 @@ from reference_experiments.data import (  # noqa: E402
     cars_split,
     load_dataset,
 )
-from reference_experiments.datasets import DATASETS  # noqa: E402
+from reference_experiments.datasets import DATASETS
+
+ROOT = Path(__file__).resolve().parents[2]
 
 torch.set_num_threads(1)
 

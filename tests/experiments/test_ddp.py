@@ -16,17 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
-if not torch.distributed.is_available():
-    pytest.skip("torch.distributed is not available", allow_module_level=True)
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 
 def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import config, devices, engine, methods, stepping  # noqa: E402
-from reference_experiments.config import PRESETS, Preset, RunConfig  # noqa: E402
-from reference_experiments.data import load_dataset  # noqa: E402
-from reference_experiments.models import create_model  # noqa: E402
-from reference_experiments.protocol import Event, Schedule, best_on_validation  # noqa: E402
+from reference_experiments import config, devices, engine, methods, stepping
+from reference_experiments.config import PRESETS, Preset, RunConfig
+from reference_experiments.data import load_dataset
+from reference_experiments.models import create_model
+from reference_experiments.protocol import Event, Schedule, best_on_validation
 
 torch.set_num_threads(1)
 

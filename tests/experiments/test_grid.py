@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from reference_experiments import __main__ as cli
+from reference_experiments import grid, rows
+from reference_experiments.config import RunConfig
+from reference_experiments.rows import ResultRow
 
-from reference_experiments import __main__ as cli  # noqa: E402
-from reference_experiments import grid, rows  # noqa: E402
-from reference_experiments.config import RunConfig  # noqa: E402
-from reference_experiments.rows import ResultRow  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = """
 name = "tiny"

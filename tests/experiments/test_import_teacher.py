@@ -6,30 +6,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from repdistiller_models import MODEL_DICT
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("safetensors")
-
-ROOT = Path(__file__).resolve().parents[2]
-for folder in (ROOT, Path(__file__).resolve().parent):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-from repdistiller_models import MODEL_DICT  # noqa: E402
-
-from reference_experiments import __main__ as cli  # noqa: E402
-from reference_experiments import cli_options  # noqa: E402
-from reference_experiments.augment import preprocess_eval  # noqa: E402
-from reference_experiments.data import ImageDataset  # noqa: E402
-from reference_experiments.datasets import dataset_names, dataset_spec  # noqa: E402
-from reference_experiments.import_teacher import import_teacher, read_checkpoint  # noqa: E402
-from reference_experiments.models import MODEL_NAMES  # noqa: E402
-from reference_experiments.teacher import load_teacher  # noqa: E402
+from reference_experiments import __main__ as cli
+from reference_experiments import cli_options
+from reference_experiments.augment import preprocess_eval
+from reference_experiments.data import ImageDataset
+from reference_experiments.datasets import dataset_names, dataset_spec
+from reference_experiments.import_teacher import import_teacher, read_checkpoint
+from reference_experiments.models import MODEL_NAMES
+from reference_experiments.teacher import load_teacher
 
 torch.set_num_threads(1)
 

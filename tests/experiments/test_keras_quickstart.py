@@ -4,26 +4,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import keras
 import pytest
 
-keras = pytest.importorskip("keras")
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-if keras.backend.backend() not in ("jax", "torch", "tensorflow"):
-    pytest.skip(
-        "the Keras quick start trains models (jax, torch or tensorflow backend)",
-        allow_module_level=True,
-    )
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import ckd_core  # noqa: E402
-from reference_experiments import keras_quickstart as qs  # noqa: E402
+import ckd_core
+from reference_experiments import keras_quickstart as qs
 
 
 class RecordingBudget(ckd_core.TeacherBudget):

@@ -17,19 +17,12 @@ Every sum below is an explicit loop over images, pixels and classes.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments.methods import registry  # noqa: E402
-from reference_experiments.methods.registry import MethodContext  # noqa: E402
+from reference_experiments.methods import registry
+from reference_experiments.methods.registry import MethodContext
 
 torch.set_num_threads(1)
 

@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import methods  # noqa: E402
-from reference_experiments.methods import registry, sampling  # noqa: E402
-from reference_experiments.methods.registry import MethodContext  # noqa: E402
+from reference_experiments import methods
+from reference_experiments.methods import registry, sampling
+from reference_experiments.methods.registry import MethodContext
 
 torch.set_num_threads(1)
 

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-torch = pytest.importorskip("torch")
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap  # noqa: E402
-
-from reference_experiments import models  # noqa: E402
-from reference_experiments.methods import contrastive, registry, whitebox  # noqa: E402
-from reference_experiments.methods.registry import MethodContext  # noqa: E402
+from reference_experiments import models
+from reference_experiments.methods import contrastive, registry, whitebox
+from reference_experiments.methods.registry import MethodContext
 
 torch.set_num_threads(1)
 

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments.models import (  # noqa: E402
+from reference_experiments.models import (
     MODEL_NAMES,
     count_parameters,
     create_model,

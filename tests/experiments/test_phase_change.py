@@ -9,23 +9,12 @@ scripted, and a recording runner snapshots every trial's state and lr around eac
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import engine, stepping  # noqa: E402
-from reference_experiments.config import RunConfig  # noqa: E402
-from reference_experiments.data import load_dataset  # noqa: E402
+from reference_experiments import engine, stepping
+from reference_experiments.config import RunConfig
+from reference_experiments.data import load_dataset
 
 torch.set_num_threads(1)
 

@@ -14,20 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-keras = pytest.importorskip("keras")
-pytest.importorskip("sklearn")
-if keras.backend.backend() != "torch":
-    pytest.skip("runs in the torch session (KERAS_BACKEND=torch)", allow_module_level=True)
+from reference_experiments import __main__ as cli
+from reference_experiments import engine, grid, methods, quickstart, report
+from reference_experiments.rows import read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import __main__ as cli  # noqa: E402
-from reference_experiments import engine, grid, methods, quickstart, report  # noqa: E402
-from reference_experiments.rows import read_rows  # noqa: E402
 
 COMMITTED = ROOT / "reference_experiments" / "results" / "quickstart"
 

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import doctest
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import report  # noqa: E402
-from reference_experiments.config import RunConfig  # noqa: E402
-from reference_experiments.datasets import DATASETS  # noqa: E402
-from reference_experiments.rows import ResultRow, append_row  # noqa: E402
+from reference_experiments import report
+from reference_experiments.config import RunConfig
+from reference_experiments.datasets import DATASETS
+from reference_experiments.rows import ResultRow, append_row
 
 SETTING = {
     "dataset": "cifar10-jpeg",

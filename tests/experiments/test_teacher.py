@@ -9,22 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("safetensors")
-pytest.importorskip("sklearn")
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference_experiments import teacher  # noqa: E402
-from reference_experiments.data import load_dataset  # noqa: E402
-from reference_experiments.teacher_spec import (  # noqa: E402
+from reference_experiments import teacher
+from reference_experiments.data import load_dataset
+from reference_experiments.teacher_spec import (
     GRID_TEACHER_KEYS,
     TeacherSpec,
     add_teacher_arguments,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 torch.set_num_threads(1)
 
