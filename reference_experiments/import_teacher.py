@@ -6,7 +6,7 @@ same files. ``import_teacher`` reads one with ``torch.load(weights_only=True)`` 
 only class allowed besides tensors is ``argparse.Namespace``; nothing else is
 unpickled), renames its keys onto ``models.create_model(arch)``, requires every tensor
 to be used and every shape to match, and writes the usual safetensors teacher plus JSON
-(``teacher.save_teacher``), recording the source file, its sha256 and
+(``teacher_files.save_teacher``), recording the source file, its sha256 and
 ``recipe: "repdistiller"``.
 
 Key names coincide with RepDistiller's ``models/`` for the ResNets and VGGs; the WRNs
@@ -31,8 +31,9 @@ from torch import nn
 from .cli_options import IMPORT_DATASETS
 from .data import ImageDataset
 from .datasets import dataset_spec
+from .evaluation import evaluate
 from .models import MODEL_NAMES, create_model
-from .teacher import FORMAT_VERSION, evaluate, save_teacher
+from .teacher_files import FORMAT_VERSION, save_teacher
 
 __all__ = ["import_teacher", "read_checkpoint", "repdistiller_key"]
 
