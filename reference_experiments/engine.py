@@ -210,6 +210,7 @@ def _row(stack: Stack, i: int, test: list, y_test: torch.Tensor) -> ResultRow:
         wall_s=round(time.perf_counter() - stack.started, 3),
         ran_on=str(stack.device),
         teacher_test_acc=stack.teacher_meta.get("test_accuracy"),
+        teacher_recipe=stack.teacher_meta.get("recipe"),
         flat_dims=dims,
         spectrum=spec,
     )

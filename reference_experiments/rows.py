@@ -136,8 +136,9 @@ class ResultRow:
     used (the config's ``device`` may say ``auto``). ``flat_dims``:
     directions holding 90% of the within-class variance of the student's
     penultimate features on test images (Fig. 5); ``spectrum``: the normalised
-    singular values behind it. ``environment``: :func:`run_environment` of the process
-    that built the row (empty for rows written before it was recorded).
+    singular values behind it. ``teacher_recipe``: the teacher's training recipe (its
+    metadata's ``recipe``; None without one). ``environment``: :func:`run_environment`
+    of the process that built the row (empty for rows written before it was recorded).
     """
 
     run_id: str
@@ -163,6 +164,7 @@ class ResultRow:
     wall_s: float
     ran_on: str
     teacher_test_acc: float | None = None
+    teacher_recipe: str | None = None
     flat_dims: int | None = None
     spectrum: list[float] = field(default_factory=list)
     grid: str | None = None
