@@ -335,6 +335,7 @@ def _metadata(run: _TeacherRun, spec: TeacherSpec, dataset: ImageDataset) -> dic
     meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
         **spec.metadata(run.batch_size),
+        "precision": spec.precision if dev.type == "cuda" else "fp32",  # the CPU: float32
         "dataset": dataset.name,
         "num_classes": int(dataset.num_classes),
         "in_channels": int(dataset.in_channels),

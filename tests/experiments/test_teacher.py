@@ -307,8 +307,9 @@ def test_precision_names_are_the_devices():
 
 
 def test_trained_teacher_records_recipe_and_precision(trained):
+    """The precision computed in: the fast recipe asks bf16, which the CPU leaves out."""
     meta = json.loads(trained.with_suffix(".json").read_text())
-    assert (meta["recipe"], meta["precision"], meta["saved_dtype"]) == ("fast", "bf16", "float32")
+    assert (meta["recipe"], meta["precision"], meta["saved_dtype"]) == ("fast", "fp32", "float32")
 
 
 def test_training_steps_through_the_engines_sgd_step(digits, tmp_path, monkeypatch):
