@@ -338,3 +338,24 @@ def test_cli_recipe_reaches_the_metadata(tmp_path):
     )
     _, meta = teacher.load_teacher(tmp_path / "digits_mlp_digits_split0_ep1_seed0_repdistiller")
     assert (meta["recipe"], meta["batch_size"], meta["precision"]) == ("repdistiller", 64, "fp32")
+
+
+def test_train_teacher_saves_float16_shards(trained, digits, tmp_path):
+    spec = TeacherSpec("digits_cnn", "digits", epochs=1)
+    path = teacher.train_teacher(
+        spec,
+        digits,
+        out_dir=tmp_path,
+        progress=False,
+        save_dtype=torch.float16,
+        max_shard_bytes=160_000,
+    )
+    assert path == tmp_path / "digits_cnn_digits_split0_ep1_seed0.json"
+    assert len(json.loads(path.read_text())["shards"]) >= 2
+    model, meta = teacher.load_teacher(path)
+    reference, _ = teacher.load_teacher(trained)  # the same training, saved in float32
+    for (k, got), want in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        rounded = want.half().to(want.dtype) if want.is_floating_point() else want
+        assert got.dtype == want.dtype and torch.equal(got, rounded), k
