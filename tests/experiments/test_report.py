@@ -146,7 +146,8 @@ def test_table1_hand_computed():
     # CKD: 96 (-29% vs 136), 160 (-33% vs 240), 256 (no baseline reaches 66%)
     assert got["CKD (all pairs)"] == ["0.096 (-29%)", "0.16 (-33%)", "0.256 (baselines: —)"]
     assert got["*best baseline*"] == ["0.136 (KD)", "0.24 (KD)", "—"]
-    assert "Linear interpolation between budgets" in md and "“≤x”: a bound" in md
+    assert "linearly interpolated between the two budgets" in md and "never extrapolated" in md
+    assert "“≤x”: reached at the smallest budget" in md and "Targets: given" in md
     # a target reached at the smallest budget: a marked bound, Δ only as a bound
     got = cells(report.table1(key, rows, targets=[47.0]))
     # KD: 80 + 0.2*80 = 96; CKD: ≤80, so Δ ≤ (80 - 96) / 96 = -17%
@@ -320,7 +321,7 @@ def test_two_teachers_of_one_arch_stay_apart():
     sel = report.select_lr(rows)
     assert len(sel) == len(rows)  # not mistaken for lr variants of one run
     groups = report.group_rows(sel)
-    assert [report._title(k) for k in groups] == [
+    assert [report.setting_title(k) for k in groups] == [
         "wrn_40_2 → wrn_16_2 (teacher `a`)",
         "wrn_40_2 → wrn_16_2 (teacher `b`)",
     ]
