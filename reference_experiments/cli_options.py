@@ -37,7 +37,14 @@ __all__ = [
     "seed_int",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg", "cars64", "digits")
+DATASET_NAMES: tuple[str, ...] = (
+    "cifar100",
+    "cifar10",
+    "cifar10-jpeg",
+    "cars64",
+    "cars",
+    "digits",
+)
 MODEL_NAMES: tuple[str, ...] = (
     "resnet110",
     "resnet32",

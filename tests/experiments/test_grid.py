@@ -554,6 +554,11 @@ def test_figure_configs_run_five_seeds():
     for name in ("fig3_cars", "fig4_rkd_d", "table1", "table2"):
         runs = grid.expand(grid.load_config(grid.resolve_config(name)))
         assert {r.seed for r in runs} == {0, 1, 2, 3, 4}, name
+    # Fig. 3: the official Cars setting where it exists, the car-crop copy by default
+    fig3 = grid.load_config(grid.resolve_config("fig3_cars"))
+    assert fig3["paper_dataset"] == "cars" and fig3["defaults"]["dataset"] == "cars64"
+    official = grid.with_overrides(grid.expand(fig3), dataset="cars")
+    assert {r.dataset for r in official} == {"cars"}
 
 
 @pytest.mark.parametrize(
