@@ -9,7 +9,8 @@ student_arch]``) and the plural of every :data:`config.GRID_AXES` field
 (``train_epochs``, ``seed``; saved under ``teachers_dir``).
 
 Finished runs are rows of the results JSONL (:mod:`.rows`), keyed by
-:meth:`RunConfig.run_id`; a rerun skips them, so a grid survives any kill.
+:meth:`RunConfig.run_id`; a rerun skips them (and those a cluster job array wrote to
+the per-job files beside it, :mod:`.launcher`), so a grid survives any kill.
 Pending runs with equal :meth:`RunConfig.stack_key` train together, up to
 ``stack`` at a time, in one :func:`engine.train` call.
 
@@ -45,7 +46,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]  # same API under another name
 
 from .config import GRID_AXES, RunConfig
-from .rows import ResultRow, append_row, finished_ids
+from .result_files import finished_run_ids
+from .rows import ResultRow, append_row
 from .teacher_spec import TeacherSpec
 
 __all__ = [
@@ -229,7 +231,7 @@ def run_grid(
     if max_runs is not None and max_runs < 0:
         raise ValueError(f"max_runs must be >= 0, got {max_runs}")
     results = Path(results)
-    done = finished_ids(results)
+    done = finished_run_ids(results)
     pending = [r for r in runs if r.run_id() not in done]
     if max_runs is not None:
         pending = pending[:max_runs]
