@@ -192,21 +192,29 @@ class Teachers:
         self.device = device
         self.search = [Path(p) for p in search]
 
-    def path(self, run: RunConfig, dataset: Any) -> Path:
-        name = run.teacher_key.split("@")[0]
-        t = self.cfg["teachers"][name]
+    def existing(self, run: RunConfig) -> Path | None:
+        """The run's teacher file if it is configured or already trained, else None."""
+        t = self.cfg["teachers"][run.teacher_key.split("@")[0]]
         if "path" in t:
             return Path(t["path"])
-        from .teacher import train_teacher
-
         folder = run.teacher_key.replace("@", "_")
-        out_dir = Path(self.cfg["teachers_dir"]) / folder
         for d in [*self.search, Path(self.cfg["teachers_dir"])]:
             found = sorted((d / folder).glob("*.safetensors"))
             if found:
                 return found[0]
+        return None
+
+    def path(self, run: RunConfig, dataset: Any) -> Path:
+        """The run's teacher file, trained now (and saved) when it does not exist yet."""
+        found = self.existing(run)
+        if found is not None:
+            return found
+        from .teacher import train_teacher
+
+        out_dir = Path(self.cfg["teachers_dir"]) / run.teacher_key.replace("@", "_")
         print(f"training teacher {run.teacher_key} -> {out_dir}", file=sys.stderr)
-        spec = TeacherSpec.from_grid(t, dataset.name)
+        table = self.cfg["teachers"][run.teacher_key.split("@")[0]]
+        spec = TeacherSpec.from_grid(table, dataset.name)
         return train_teacher(spec, dataset, out_dir=out_dir, device=self.device)
 
 

@@ -8,7 +8,9 @@ stacks, one per GPU at a time, and appends every row to the stack's own file
 ``<results stem>.parts/stack-<hash>.jsonl``: no two jobs or nodes share a file, so no
 cross-node lock is needed. Re-submitting skips every run finished in the main results
 file or in any part file (a requeued job also skips its own finished runs);
-``report <results folder>`` reads them all. Torch is imported by the jobs only.
+``report <results folder>`` reads them all. Teachers must exist before submitting
+(imported, or trained by a local ``grid`` run): jobs that trained the same teacher
+at once would race for its file.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "run_job",
     "stack_results_path",
     "submit_grid",
+    "untrained_teachers",
 ]
 
 
@@ -119,6 +122,21 @@ def run_job(
     return {k: sum(o[k] for o in outs) for k in outs[0]}
 
 
+def untrained_teachers(cfg: Mapping[str, Any], runs: Sequence[RunConfig]) -> list[str]:
+    """Teacher keys that ``runs`` need (methods that query a teacher) but that are neither
+    configured files nor trained yet."""
+    from . import methods
+    from .grid import Teachers
+
+    teachers = Teachers(cfg)
+    need = {
+        r.teacher_key: r
+        for r in runs
+        if r.teacher_key and not r.teacher and methods.get(r.method).uses_teacher
+    }
+    return sorted(key for key, run in need.items() if teachers.existing(run) is None)
+
+
 def submit_grid(
     cfg: Mapping[str, Any],
     runs: Sequence[RunConfig],
@@ -133,6 +151,13 @@ def submit_grid(
     import submitit
 
     jobs = plan_jobs(runs, results, stack, options.gpus_per_job)
+    missing = untrained_teachers(cfg, [r for job in jobs for chunk in job for r in chunk])
+    if missing:
+        raise ValueError(
+            f"teacher(s) {', '.join(missing)} not trained yet: the jobs would train each at "
+            f"once; train them first (e.g. a local `grid {cfg['name']} --max-runs 1` per "
+            "teacher, or import-teacher and `path = ...` in the config)"
+        )
     pending = sum(len(chunk) for job in jobs for chunk in job)
     print(
         f"grid {cfg['name']}: {len(runs)} runs, {len(runs) - pending} done, {pending} to run "

@@ -127,3 +127,21 @@ def test_grid_help_documents_the_submitit_launcher(capsys):
                    "--time-limit", "--array-parallelism", "--submitit-folder"):  # fmt: skip
         assert option in out, option
     assert "Slurm job array" in " ".join(out.split())
+
+
+def test_submission_needs_the_teachers_first(tmp_path, monkeypatch):
+    """Jobs never train a teacher: several would race for its file."""
+    monkeypatch.chdir(tmp_path)
+    cfg = grid.load_config(_config(tmp_path, [0, 1]))
+    cfg["runs"][0]["methods"] = ["ce", "kd"]
+    runs = grid.expand(cfg)
+    options = launcher.ClusterOptions(folder=str(tmp_path / "logs"), cluster="local")
+    with pytest.raises(ValueError, match=r"teacher\(s\) cnn@\w+ not trained yet"):
+        launcher.submit_grid(cfg, runs, tmp_path / "r.jsonl", options, stack=2)
+    assert not (tmp_path / "logs").exists()  # nothing submitted
+    ce_only = [r for r in runs if r.method == "ce"]
+    assert launcher.untrained_teachers(cfg, ce_only) == []  # CE queries no teacher
+    trained = Path(cfg["teachers_dir"]) / runs[0].teacher_key.replace("@", "_")
+    trained.mkdir(parents=True)
+    (trained / "cnn.safetensors").touch()
+    assert launcher.untrained_teachers(cfg, runs) == []
