@@ -113,9 +113,10 @@ def _parser() -> tuple[opts.Parser, dict[str, opts.Parser]]:
         help="check the config, data and teachers, list the runs; create nothing",
     )
     g.add_argument("--no-progress", action="store_true")
+    opts.add_launcher_arguments(g)
 
     r = add("report", "Markdown tables + PNG figures from results JSONL")
-    r.add_argument("results", nargs="+")
+    r.add_argument("results", nargs="+", help="results JSONL files, folders or glob patterns")
     r.add_argument("--out", default=None, help="output folder (default: <results folder>/report)")
     r.add_argument("--targets", default=None, help="comma-separated target accuracies (%%)")
 
@@ -291,7 +292,7 @@ def _cmd_student(a: argparse.Namespace) -> int:
 
 def _dry_run(cfg: dict, runs: list, results: Path) -> int:
     """Checks that every run's data and teacher exist and lists the runs; writes nothing."""
-    from .rows import finished_ids
+    from .result_files import finished_run_ids
 
     for dataset, data_dir in sorted({(r.dataset, r.data_dir) for r in runs}, key=str):
         check_dataset_files(dataset, data_dir)
@@ -304,7 +305,7 @@ def _dry_run(cfg: dict, runs: list, results: Path) -> int:
             found[0] if found else f"to train ({spec['train_epochs']} epochs)"
         )
         print(f"teacher {key}: {state}", file=sys.stderr)
-    done = finished_ids(results)
+    done = finished_run_ids(results)
     for r in runs:
         print(
             f"{r.run_id()} {'done' if r.run_id() in done else 'todo'} {r.dataset} "
@@ -332,6 +333,10 @@ def _cmd_grid(a: argparse.Namespace) -> int:
     if a.dry_run:
         return _dry_run(cfg, runs, results)
     _writable(results)
+    from .launcher import launch_from_cli
+
+    if (status := launch_from_cli(a, cfg, runs, results)) is not None:
+        return status
     counts = grid.run_grid(
         runs,
         results,
@@ -368,15 +373,18 @@ def _check_results_file(path: str) -> None:
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    for path in a.results:
-        _check_results_file(path)
+    from .result_files import result_files
+
+    for path in result_files(a.results):
+        _check_results_file(str(path))
     try:
         targets = [float(t) for t in a.targets.split(",")] if a.targets else None
     except ValueError:
         raise ValueError(f"--targets {a.targets!r}: not comma-separated numbers") from None
     from . import report
 
-    out = Path(a.out) if a.out else Path(a.results[0]).parent / "report"
+    first = Path(a.results[0])
+    out = Path(a.out) if a.out else (first if first.is_dir() else first.parent) / "report"
     _writable(out / "report.md", "--out")
     path = report.make_report(a.results, out, targets=targets)
     print(path.read_text(encoding="utf-8"))

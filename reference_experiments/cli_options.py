@@ -28,6 +28,7 @@ __all__ = [
     "Parser",
     "add_data_dir",
     "add_device",
+    "add_launcher_arguments",
     "add_preset",
     "add_run_arguments",
     "check_choice",
@@ -37,7 +38,14 @@ __all__ = [
     "seed_int",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg", "cars64", "digits")
+DATASET_NAMES: tuple[str, ...] = (
+    "cifar100",
+    "cifar10",
+    "cifar10-jpeg",
+    "cars64",
+    "cars",
+    "digits",
+)
 MODEL_NAMES: tuple[str, ...] = (
     "resnet110",
     "resnet32",
@@ -185,6 +193,69 @@ def add_train_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     add_device(parser, "auto")
     add_data_dir(parser)
     add_preset(parser)
+
+
+#: ``grid`` options that only the submitit launcher reads: (dest, default)
+LAUNCHER_ONLY = {
+    "slurm_partition": None,
+    "gpus_per_job": 1,
+    "time_limit": 24 * 60,
+    "array_parallelism": None,
+    "submitit_folder": None,
+    "submitit_cluster": "slurm",
+    "wait": False,
+}
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """``grid``'s launcher options (see ``reference_experiments.launcher``)."""
+    group = parser.add_argument_group("launcher")
+    group.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        default="local",
+        help="local: train here, one stack after another [default]; submitit: submit the "
+        "pending stacks as a Slurm job array, each job writing its own results file in "
+        "<results stem>.parts/ (re-submitting skips finished runs; `report <results "
+        "folder>` reads them all)",
+    )
+    group.add_argument("--slurm-partition", default=None, metavar="NAME", help="Slurm partition")
+    group.add_argument(
+        "--gpus-per-job",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="GPUs per array job; a job trains N stacks at once, one per GPU [default: 1]",
+    )
+    group.add_argument(
+        "--time-limit",
+        type=positive_int,
+        default=24 * 60,
+        metavar="MINUTES",
+        help="time limit of each job [default: 1440]",
+    )
+    group.add_argument(
+        "--array-parallelism",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="at most N jobs of the array at once [default: the cluster's]",
+    )
+    group.add_argument(
+        "--submitit-folder",
+        default=None,
+        metavar="DIR",
+        help="submitit's job files and logs [default: <results folder>/submitit]",
+    )
+    group.add_argument(
+        "--submitit-cluster",
+        choices=("slurm", "local"),
+        default="slurm",
+        help="slurm [default]; local: the same jobs as local processes (a dry rehearsal)",
+    )
+    group.add_argument(
+        "--wait", action="store_true", help="wait for the jobs; exit 1 if one failed"
+    )
 
 
 def add_import_teacher_arguments(parser: argparse.ArgumentParser) -> None:

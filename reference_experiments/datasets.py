@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data_cars import load_cars64
+from .data_cars_full import load_cars_official
 from .data_cifar import load_cifar10, load_cifar10_jpeg, load_cifar100
 from .datafiles import DataDir, SplitArrays, _not_found
 from .splits import stratified_group_split
@@ -179,6 +180,26 @@ register_dataset(
         mean=(0.4022, 0.4001, 0.4211),
         std=(0.2716, 0.2666, 0.2707),
         shared_copy="stanford-cars-train64",
+    )
+)
+register_dataset(
+    DatasetSpec(
+        "cars",
+        "Stanford Cars (official split, full images resized to 64×64)",
+        load_cars_official,
+        "Stanford Cars in torchvision's StanfordCars folder layout (stanford_cars/: "
+        "devkit/cars_train_annos.mat, cars_train/, cars_test_annos_withlabels.mat, "
+        "cars_test/), the setting of the official code",
+        "get both halves and the devkit by hand (torchvision no longer downloads them; e.g. "
+        "from Kaggle) and put the stanford_cars folder into {d}; or use --dataset cars64, "
+        "the 64-pixel car-crop copy of the training half",
+        image_size=64,
+        classes=196,
+        crop=56,
+        pad=0,
+        # the official code's (ImageNet) normalisation
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
     )
 )
 register_dataset(

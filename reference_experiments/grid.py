@@ -9,7 +9,8 @@ student_arch]``) and the plural of every :data:`config.GRID_AXES` field
 (``train_epochs``, ``seed``; saved under ``teachers_dir``).
 
 Finished runs are rows of the results JSONL (:mod:`.rows`), keyed by
-:meth:`RunConfig.run_id`; a rerun skips them, so a grid survives any kill.
+:meth:`RunConfig.run_id`; a rerun skips them (and those a cluster job array wrote to
+the per-job files beside it, :mod:`.launcher`), so a grid survives any kill.
 Pending runs with equal :meth:`RunConfig.stack_key` train together, up to
 ``stack`` at a time, in one :func:`engine.train` call.
 
@@ -45,7 +46,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]  # same API under another name
 
 from .config import GRID_AXES, RunConfig
-from .rows import ResultRow, append_row, finished_ids
+from .result_files import finished_run_ids
+from .rows import ResultRow, append_row
 from .teacher_spec import TeacherSpec
 
 __all__ = [
@@ -190,21 +192,29 @@ class Teachers:
         self.device = device
         self.search = [Path(p) for p in search]
 
-    def path(self, run: RunConfig, dataset: Any) -> Path:
-        name = run.teacher_key.split("@")[0]
-        t = self.cfg["teachers"][name]
+    def existing(self, run: RunConfig) -> Path | None:
+        """The run's teacher file if it is configured or already trained, else None."""
+        t = self.cfg["teachers"][run.teacher_key.split("@")[0]]
         if "path" in t:
             return Path(t["path"])
-        from .teacher import train_teacher
-
         folder = run.teacher_key.replace("@", "_")
-        out_dir = Path(self.cfg["teachers_dir"]) / folder
         for d in [*self.search, Path(self.cfg["teachers_dir"])]:
             found = sorted((d / folder).glob("*.safetensors"))
             if found:
                 return found[0]
+        return None
+
+    def path(self, run: RunConfig, dataset: Any) -> Path:
+        """The run's teacher file, trained now (and saved) when it does not exist yet."""
+        found = self.existing(run)
+        if found is not None:
+            return found
+        from .teacher import train_teacher
+
+        out_dir = Path(self.cfg["teachers_dir"]) / run.teacher_key.replace("@", "_")
         print(f"training teacher {run.teacher_key} -> {out_dir}", file=sys.stderr)
-        spec = TeacherSpec.from_grid(t, dataset.name)
+        table = self.cfg["teachers"][run.teacher_key.split("@")[0]]
+        spec = TeacherSpec.from_grid(table, dataset.name)
         return train_teacher(spec, dataset, out_dir=out_dir, device=self.device)
 
 
@@ -229,7 +239,7 @@ def run_grid(
     if max_runs is not None and max_runs < 0:
         raise ValueError(f"max_runs must be >= 0, got {max_runs}")
     results = Path(results)
-    done = finished_ids(results)
+    done = finished_run_ids(results)
     pending = [r for r in runs if r.run_id() not in done]
     if max_runs is not None:
         pending = pending[:max_runs]

@@ -687,4 +687,11 @@ def test_a_registered_data_set_is_loaded_augmented_and_explained_from_its_spec(m
 def test_data_module_exports_no_private_names():
     private = [n for n in vars(data) if n.startswith("_") and not n.startswith("__")]
     assert private == []
-    assert set(data.DATASET_NAMES) == {"cifar100", "cifar10", "cifar10-jpeg", "cars64", "digits"}
+    assert set(data.DATASET_NAMES) == {
+        "cifar100",
+        "cifar10",
+        "cifar10-jpeg",
+        "cars64",
+        "cars",
+        "digits",
+    }

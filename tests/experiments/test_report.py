@@ -146,7 +146,8 @@ def test_table1_hand_computed():
     # CKD: 96 (-29% vs 136), 160 (-33% vs 240), 256 (no baseline reaches 66%)
     assert got["CKD (all pairs)"] == ["0.096 (-29%)", "0.16 (-33%)", "0.256 (baselines: —)"]
     assert got["*best baseline*"] == ["0.136 (KD)", "0.24 (KD)", "—"]
-    assert "Linear interpolation between budgets" in md and "“≤x”: a bound" in md
+    assert "linearly interpolated between the two budgets" in md and "never extrapolated" in md
+    assert "“≤x”: reached at the smallest budget" in md and "Targets: given" in md
     # a target reached at the smallest budget: a marked bound, Δ only as a bound
     got = cells(report.table1(key, rows, targets=[47.0]))
     # KD: 80 + 0.2*80 = 96; CKD: ≤80, so Δ ≤ (80 - 96) / 96 = -17%
@@ -174,27 +175,44 @@ def test_lr_axis_selected_on_validation():
 
 def test_ckd_best_on_validation_picks_on_validation_not_test(tmp_path):
     rows = base_rows({"kd": ACC["kd"]})
-    # budget 200: ckd_pairs has the better validation, ckd_all the better test accuracy
+    # budget 200: ckd_pn2 has the better validation, ckd_pn3 the better test accuracy
     for seed in (0, 1):
-        rows.append(make_row("ckd_pairs", 200, seed, 0.55, val=0.80))
-        rows.append(make_row("ckd_all", 200, seed, 0.75, val=0.60))
+        rows.append(make_row("ckd_pn2", 200, seed, 0.55, val=0.80))
+        rows.append(make_row("ckd_pn3", 200, seed, 0.75, val=0.60))
     # budget 400: the other way round on validation, so each budget picks its own
     for seed in (0, 1):
-        rows.append(make_row("ckd_pairs", 400, seed, 0.90, val=0.50))
-        rows.append(make_row("ckd_all", 400, seed, 0.70, val=0.70))
+        rows.append(make_row("ckd_pn2", 400, seed, 0.90, val=0.50))
+        rows.append(make_row("ckd_pn3", 400, seed, 0.70, val=0.70))
     fam = report.family_rows(rows)
-    assert {(r["budget"], r["picked"]) for r in fam} == {(200, "ckd_pairs"), (400, "ckd_all")}
+    assert {(r["budget"], r["picked"]) for r in fam} == {(200, "ckd_pn2"), (400, "ckd_pn3")}
     assert all(r["method"] == "best_on_val:ckd" for r in fam) and len(fam) == 4
     key, grows = next(iter(report.group_rows(rows).items()))
     grows = grows + fam
     t2 = cells(report.table2(key, grows))
     assert t2["CKD (best on val)"][1:] == ["55.00 ± 0.00", "70.00 ± 0.00"]
-    assert "CKD (pairs)" in t2 and "CKD (all pairs)" in t2  # variants listed as well
+    assert "CKD (1 vs 1)" in t2 and "CKD (2 vs 1)" in t2  # variants listed as well
     assert "CKD (best on val)" in cells(report.table1(key, grows, targets=[60.0]))
     notes = " ".join(report.setting_notes(key, grows))
-    assert "never chosen on test" in notes and "CKD (pairs) ×2" in notes
+    assert "never chosen on test" in notes and "CKD (1 vs 1) ×2" in notes
     md = report.make_report(write(tmp_path / "r.jsonl", rows), tmp_path / "rep").read_text()
     assert "| CKD (best on val) |" in md and "best validation accuracy" in md.split("##")[0]
+
+
+def test_ckd_row_chooses_only_among_the_official_variants(tmp_path):
+    """ckd_all (ours) has the best validation accuracy everywhere, yet the CKD row picks
+    ckd_pn2 / ckd_pn3 only; ckd_all keeps its own row."""
+    rows = base_rows({"kd": ACC["kd"]})
+    for budget, seed in ((200, 0), (200, 1), (400, 0), (400, 1)):
+        rows.append(make_row("ckd_pn2", budget, seed, 0.50, val=0.40))
+        rows.append(make_row("ckd_pn3", budget, seed, 0.52, val=0.45))
+        rows.append(make_row("ckd_all", budget, seed, 0.90, val=0.95))
+        rows.append(make_row("ckd_pairs", budget, seed, 0.80, val=0.90))
+    fam = report.family_rows(rows)
+    assert {r["picked"] for r in fam} == {"ckd_pn3"} and len(fam) == 4
+    key, grows = next(iter(report.group_rows(rows).items()))
+    t2 = cells(report.table2(key, grows + fam))
+    assert t2["CKD (best on val)"][1:] == ["52.00 ± 0.00", "52.00 ± 0.00"]
+    assert t2["CKD (all pairs)"][1:] == ["**90.00 ± 0.00**"] * 2
 
 
 def test_diverged_rows_skipped(tmp_path):
@@ -303,7 +321,7 @@ def test_two_teachers_of_one_arch_stay_apart():
     sel = report.select_lr(rows)
     assert len(sel) == len(rows)  # not mistaken for lr variants of one run
     groups = report.group_rows(sel)
-    assert [report._title(k) for k in groups] == [
+    assert [report.setting_title(k) for k in groups] == [
         "wrn_40_2 → wrn_16_2 (teacher `a`)",
         "wrn_40_2 → wrn_16_2 (teacher `b`)",
     ]
