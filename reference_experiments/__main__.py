@@ -293,6 +293,8 @@ def _cmd_student(a: argparse.Namespace) -> int:
 def _dry_run(cfg: dict, runs: list, results: Path) -> int:
     """Checks that every run's data and teacher exist and lists the runs; writes nothing."""
     from .result_files import finished_run_ids
+    from .teacher_files import find_teacher
+    from .teacher_spec import RECIPES
 
     for dataset, data_dir in sorted({(r.dataset, r.data_dir) for r in runs}, key=str):
         check_dataset_files(dataset, data_dir)
@@ -300,10 +302,9 @@ def _dry_run(cfg: dict, runs: list, results: Path) -> int:
         spec = cfg["teachers"][key.split("@")[0]]
         if "path" in spec and not Path(spec["path"]).is_file():
             raise FileNotFoundError(f"teacher {key}: file {spec['path']} not found")
-        found = sorted((Path(cfg["teachers_dir"]) / key.replace("@", "_")).glob("*.safetensors"))
-        state = spec.get("path") or (
-            found[0] if found else f"to train ({spec['train_epochs']} epochs)"
-        )
+        found = find_teacher(Path(cfg["teachers_dir"]) / key.replace("@", "_"))
+        epochs = spec.get("train_epochs", RECIPES[spec.get("recipe", "fast")].epochs)
+        state = spec.get("path") or found or f"to train ({epochs} epochs)"
         print(f"teacher {key}: {state}", file=sys.stderr)
     done = finished_run_ids(results)
     for r in runs:

@@ -197,11 +197,13 @@ class Teachers:
         t = self.cfg["teachers"][run.teacher_key.split("@")[0]]
         if "path" in t:
             return Path(t["path"])
+        from .teacher_files import find_teacher
+
         folder = run.teacher_key.replace("@", "_")
         for d in [*self.search, Path(self.cfg["teachers_dir"])]:
-            found = sorted((d / folder).glob("*.safetensors"))
-            if found:
-                return found[0]
+            found = find_teacher(d / folder)
+            if found is not None:
+                return found
         return None
 
     def path(self, run: RunConfig, dataset: Any) -> Path:

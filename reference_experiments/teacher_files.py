@@ -218,10 +218,18 @@ def load_teacher(
 
 
 def find_teacher(folder: str | Path) -> Path | None:
-    """The JSON of the first (by name) saved teacher in ``folder``; None if there is
-    none (a resume checkpoint is not a saved teacher)."""
-    found = sorted(p for p in Path(folder).glob("*.json") if not p.stem.endswith(_RESUME))
-    return found[0] if found else None
+    """The first (by name) saved teacher in ``folder`` -- its JSON, or its one weights
+    file where the JSON is missing (rebuilt on load); None if there is none (a resume
+    checkpoint is not a saved teacher, a lone shard needs its JSON)."""
+    stems = {
+        p.with_suffix(""): p
+        for p in Path(folder).glob("*.safetensors")
+        if not _SHARD.match(p.stem) and not p.stem.endswith(_RESUME)
+    }
+    for p in Path(folder).glob("*.json"):
+        if not p.stem.endswith(_RESUME):
+            stems[p.with_suffix("")] = p
+    return stems[min(stems)] if stems else None
 
 
 def _resume_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:

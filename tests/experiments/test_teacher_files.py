@@ -130,3 +130,13 @@ def test_resume_checkpoint_is_not_a_teacher(tmp_path):
     assert state == {"epochs_done": 1} and torch.equal(tensors["w"], torch.zeros(2))
     teacher_files.remove_resume(tmp_path, "t")
     assert list(tmp_path.iterdir()) == [] and teacher_files.load_resume(tmp_path, "t") is None
+
+
+def test_a_teacher_whose_json_is_missing_is_still_found(tmp_path):
+    """A kill between the weights and the JSON (or a window that brought back only the
+    weights) leaves a teacher the grid must find, not retrain."""
+    model = create_model("digits_mlp", 10, in_channels=1)
+    path = teacher_files.save_teacher(model, tmp_path, "m", {"arch": "digits_mlp"})
+    (tmp_path / "m.json").unlink()
+    teacher_files.save_resume(tmp_path, "a", {"w": torch.zeros(2)}, {"epochs_done": 1})
+    assert teacher_files.find_teacher(tmp_path) == path
