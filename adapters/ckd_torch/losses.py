@@ -227,9 +227,10 @@ class ComparativeLoss(_CoreLoss):
     ``DistributedDataParallel``): with ``global_batch=True`` (or a
     ``process_group``) the pairs run over the global batch, the concatenation
     of every rank's rows in rank order (shards may differ in size), and every
-    rank returns that global loss. Two all-reduces of ``dim + 1`` (``dim +
-    2`` with ``sample_weight``) and 1 numbers per call in the forward pass,
-    one number in the backward: O(dim) communication, independent of the
+    rank returns that global loss. Three all-reduces of 1, ``dim + 1`` and
+    1 numbers per call in the forward pass (2, ``dim + 2`` and 1 with
+    ``sample_weight``), two in the backward (``dim + 1`` or ``dim + 2``,
+    and 1): O(dim) communication, independent of the
     batch size. Each rank's backward yields ``world_size`` times the global
     loss's gradient through its own rows, so DDP's gradient averaging leaves
     exactly the single-process gradient on the global batch. Without an

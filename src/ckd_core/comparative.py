@@ -227,7 +227,7 @@ def comparative_loss(
             the replicas (autograd-aware where gradients are needed). The
             all-pairs loss then covers the global batch, the concatenation
             of every replica's rows (shards may differ in size), for
-            ``O(dim)`` numbers communicated per call (two collectives), not
+            ``O(dim)`` numbers communicated per call (three collectives), not
             ``O(batch·dim)``. Only with ``pairs="all"`` and the default
             ``reduction``.
         reduction: Keras' meaning. ``"sum_over_batch_size"`` (default): the
