@@ -115,3 +115,23 @@ def test_fast_path_keeps_the_core_errors_and_edge_cases():
     nan = torch.zeros(4, 3)
     nan[1, 2] = float("nan")
     assert torch.isnan(module(nan, torch.zeros(4, 3)))
+
+
+@pytest.mark.parametrize(("n", "d"), [(5, 3), (70, 4), (130, 2)])  # one, two and 4+ chunks
+def test_rkd_angle_torch_kernel_equals_the_keras_ops(n, d):
+    """The eager torch kernel (unrecorded passes) and the Keras ops give one loss and gradient."""
+    from ckd_core import _rkd_angle
+
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    y = x + 0.3 * torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    x[1] = x[0]  # an exact duplicate: cosine 0 in both
+    gram_s = (x - x.mean(0)) @ (x - x.mean(0)).T
+    gram_t = (y - y.mean(0)) @ (y - y.mean(0)).T
+    with torch.no_grad():
+        assert _rkd_angle._torch_eager_first_order(gram_s, gram_t)
+        kernel = _rkd_angle._angle_loss_and_gram_grad(gram_s, gram_t)
+    with torch.enable_grad():
+        assert not _rkd_angle._torch_eager_first_order(gram_s, gram_t)
+        keras_ops = _rkd_angle._angle_loss_and_gram_grad(gram_s, gram_t)
+    for got, want in zip(kernel, keras_ops, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15 * float(want.abs().max()))
