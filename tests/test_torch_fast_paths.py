@@ -133,5 +133,7 @@ def test_rkd_angle_torch_kernel_equals_the_keras_ops(n, d):
     with torch.enable_grad():
         assert not _rkd_angle._torch_eager_first_order(gram_s, gram_t)
         keras_ops = _rkd_angle._angle_loss_and_gram_grad(gram_s, gram_t)
+    inverse = _rkd_angle._torch_inverse_distances(gram_s)
+    torch.testing.assert_close(inverse, _rkd_angle._inverse_distances(gram_s), rtol=1e-15, atol=0)
     for got, want in zip(kernel, keras_ops, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15 * float(want.abs().max()))

@@ -95,10 +95,10 @@ def _angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, T
     no ``(n, n, n)`` tensor either.
     """
     n = gram_s.shape[0]
+    if n is not None and _torch_eager_first_order(gram_s, gram_t):
+        return _torch_angle_loss_and_gram_grad(gram_s, gram_t)
     inv_s = _inverse_distances(gram_s)
     inv_t = _inverse_distances(gram_t)
-    if n is not None and _torch_eager_first_order(gram_s, gram_t):
-        return _torch_angle_loss_and_gram_grad(gram_s, gram_t, inv_s, inv_t)
 
     total = ops.zeros((), gram_s.dtype)
     grad_inner = ops.zeros_like(gram_s)  # d loss / d G via the G_jk term
@@ -151,9 +151,19 @@ def _torch_eager_first_order(*grams: Tensor) -> bool:
     )
 
 
-def _torch_angle_loss_and_gram_grad(
-    gram_s: Tensor, gram_t: Tensor, inv_s: Tensor, inv_t: Tensor
-) -> tuple[Tensor, Tensor]:
+def _torch_inverse_distances(gram: Tensor) -> Tensor:
+    """:func:`_inverse_distances` in torch ops (values only, no gradient)."""
+    import torch
+
+    sq_norm = torch.diagonal(gram)
+    pair = sq_norm[:, None] + sq_norm[None, :]
+    eps = torch.finfo(gram.dtype).eps
+    sq_dist = pair - gram * 2
+    valid = sq_dist > pair * (_DUPLICATE_ULPS * eps) + _PDIST_EPS
+    return torch.where(valid, torch.where(valid, sq_dist, 1).rsqrt(), 0)
+
+
+def _torch_angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`_angle_loss_and_gram_grad` in torch ops: the same sums in fewer passes.
 
     Every ``(chunk, n, n)`` temporary is updated in place where the Keras
@@ -164,6 +174,7 @@ def _torch_angle_loss_and_gram_grad(
     import torch
 
     n = gram_s.shape[0]
+    inv_s, inv_t = _torch_inverse_distances(gram_s), _torch_inverse_distances(gram_t)
     h_s = torch.diagonal(gram_s)[:, None] * 0.5 - gram_s  # h[a, j] = G_aa / 2 - G_aj
     h_t = torch.diagonal(gram_t)[:, None] * 0.5 - gram_t
     ones = gram_s.new_ones(n, 1)
