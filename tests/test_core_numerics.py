@@ -263,6 +263,24 @@ def test_all_reduce_scales_before_squaring(form: str, magnitude: float) -> None:
     assert abs(to_float(got) - to_float(want)) <= 1e-5 * to_float(want), (got, want)
 
 
+@pytest.mark.parametrize("factor", [1e-30, 1e19])
+def test_all_reduce_weights_are_scale_free(factor: float) -> None:
+    """float32 weights of 1e19 (their squares overflowed: NaN) or 1e-30 (underflowed: 0)
+    through ``all_reduce``: the weighted loss of the global batch."""
+    t, s = (x.astype("float32") for x in _batch(5, 3, seed=12))
+    w = ALL_REDUCE_WEIGHTS * factor
+    got = F.comparative_loss(
+        to_tensor(t, "float32"),
+        to_tensor(s, "float32"),
+        w.astype("float32"),
+        all_reduce=_sum_over_copies,
+    )
+    want = oracle.comparative(
+        np.tile(t, (COPIES, 1)), np.tile(s, (COPIES, 1)), np.tile(ALL_REDUCE_WEIGHTS, COPIES)
+    )
+    assert abs(to_float(got) - want) <= 1e-5 * want, (to_float(got), want)
+
+
 # ---------------------------------------------------------------------------
 # float64 end to end (the numpy backend computed some ops in float32)
 # ---------------------------------------------------------------------------
