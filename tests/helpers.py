@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -296,6 +296,40 @@ def projection_for(d: int) -> np.ndarray:
     return functional.make_projection(d, 2, "gaussian", seed=3)
 
 
+#: Uses of a table entry: which table-driven test runs it.
+#: ``traceable``: under ``tf.function`` with unknown batch and feature sizes;
+#: ``weighted``: the ``sample_weight`` checks (entries that accept weights);
+#: ``gradient``: the finite-difference gradient property; ``backends``: the
+#: cross-backend script of ``test_backends.py``.
+USES = frozenset({"traceable", "weighted", "gradient", "backends"})
+
+
+@dataclass(frozen=True)
+class Golden:
+    """A fixed value of the original implementation on ``GOLDEN_T``/``GOLDEN_S``.
+
+    Computed once with a float64 NumPy transcription of the original code
+    (see ``test_golden.py``); ``options`` are passed to the loss function, or
+    to its class when ``via_class``.
+    """
+
+    label: str
+    value: float
+    options: dict[str, Any] = field(default_factory=dict)
+    via_class: bool = False
+
+
+@dataclass(frozen=True)
+class Form:
+    """Another way of calling a loss of the table: extra options built from the student ``s``.
+
+    ``uses``: the table-driven tests that run it (see ``USES``).
+    """
+
+    options: Callable[[Any], dict[str, Any]]
+    uses: frozenset[str] = USES
+
+
 @dataclass(frozen=True)
 class LossCase:
     """A loss of the table: ``fn(t, s, **options)``, its oracle and its classes.
@@ -306,6 +340,9 @@ class LossCase:
     ``sample_weight``; ``pairwise``: 0 for fewer than two rows (else the
     batch must not be empty); ``decomposes``: a mean of per-sample terms
     (``reduction`` has Keras' meaning; else only its default is accepted).
+    ``golden``: fixed values of the original implementation; ``forms``:
+    other named ways of calling it; ``uses``: the table-driven tests that
+    run it (see ``USES``).
     """
 
     name: str
@@ -316,12 +353,15 @@ class LossCase:
     weights: bool
     pairwise: bool
     decomposes: bool
+    golden: tuple[Golden, ...] = ()
+    forms: dict[str, Form] = field(default_factory=dict)
+    uses: frozenset[str] = USES
 
     def make(self, **options: Any) -> Any:
-        """The ``ckd_core`` (Keras) class."""
+        """The ``ckd_core`` (Keras) class (``options`` override ``hyperparameters``)."""
         import ckd_core
 
-        return getattr(ckd_core, self.class_name)(**self.hyperparameters, **options)
+        return getattr(ckd_core, self.class_name)(**{**self.hyperparameters, **options})
 
     def make_torch(self, **options: Any) -> Any:
         """The ``ckd_torch`` module (torch backend only)."""
@@ -344,6 +384,54 @@ def _projected(t: Any, s: Any, *args: Any, **kw: Any) -> Any:
     return F.projected_rkd_loss(t, s, projection_for(d), *args, **kw)
 
 
+def _ramp_weights(s: Any) -> dict[str, Any]:
+    """Weights ``1.25, 1.5, ...`` (any batch size, traced too)."""
+    return {"sample_weight": 1 + keras.ops.cumsum(keras.ops.ones_like(s[:, 0])) * 0.25}
+
+
+def _index_pairs(s: Any) -> dict[str, Any]:
+    """Pairs ``(i, 2i + 1 mod n)``, twice as many as rows (static batch size)."""
+    rows = np.arange(2 * s.shape[0]) % s.shape[0]
+    return {"pairs": (rows, (2 * rows + 1) % s.shape[0])}
+
+
+def _index_groups(s: Any) -> dict[str, Any]:
+    """Groups of 3 rows against groups of 2, one pair of groups per row (static batch size)."""
+    rows = np.arange(s.shape[0])
+    ga = np.stack([rows, (rows + 1) % len(rows), (rows + 3) % len(rows)], axis=1)
+    return {"groups": (ga, np.stack([(rows + 2) % len(rows), (2 * rows) % len(rows)], axis=1))}
+
+
+# The forms of CKD besides all pairs.
+_COMPARATIVE_FORMS = {
+    "weighted": Form(_ramp_weights, USES - {"weighted"}),
+    "pairs": Form(_index_pairs, USES - {"traceable"}),
+    "groups": Form(_index_groups, USES - {"traceable", "weighted"}),
+    "all_reduce": Form(lambda s: {"all_reduce": lambda v: v}, frozenset({"traceable"})),
+}
+
+
+#: The fixed input of the golden values (``Golden``, ``test_golden.py``).
+GOLDEN_T = np.array(
+    [
+        [0.5, -1.0, 2.0, 0.25],
+        [1.5, 0.0, -0.5, 1.0],
+        [-2.0, 0.75, 1.0, -1.25],
+        [0.0, 2.5, -1.5, 0.5],
+        [1.0, -0.25, 0.0, 3.0],
+    ]
+)
+GOLDEN_S = np.array(
+    [
+        [1.0, -0.5, 1.5, 0.0],
+        [0.5, 0.25, -1.0, 1.5],
+        [-1.5, 1.0, 0.5, -0.75],
+        [0.25, 2.0, -2.0, 1.0],
+        [2.0, 0.0, 0.5, 2.5],
+    ]
+)
+
+
 def _table() -> dict[str, LossCase]:
     import oracle
 
@@ -352,6 +440,8 @@ def _table() -> dict[str, LossCase]:
     distance_only = {"distance_weight": 1.0, "angle_weight": 0.0}
     angle_only = {"distance_weight": 0.0, "angle_weight": 1.0}
     projected = lambda t, s: oracle.projected(t, s, projection_for(t.shape[1]))  # noqa: E731
+    rkd_25_50 = {"distance_weight": 25.0, "angle_weight": 50.0}
+    no_gradient_property = USES - {"gradient"}  # RKD: its own property (rows kept apart)
     cases = [
         LossCase(
             "comparative",
@@ -362,6 +452,8 @@ def _table() -> dict[str, LossCase]:
             True,
             True,
             True,
+            golden=(Golden("comparative", 45.75 / 80),),  # exact binary fractions, by hand
+            forms=_COMPARATIVE_FORMS,
         ),
         LossCase(
             "projected",
@@ -373,8 +465,39 @@ def _table() -> dict[str, LossCase]:
             True,
             True,
         ),
-        LossCase("kd", F.kd_loss, oracle.kd, "KDLoss", {}, True, False, True),
-        LossCase("dist", F.dist_loss, oracle.dist, "DISTLoss", {}, False, False, False),
+        LossCase(
+            "kd",
+            F.kd_loss,
+            oracle.kd,
+            "KDLoss",
+            {},
+            True,
+            False,
+            True,
+            golden=(
+                Golden("kd_T4", 0.13488528399440697, {"temperature": 4.0}),
+                Golden("KDLoss_T1", 0.12937098004716302, {"temperature": 1.0}, via_class=True),
+            ),
+        ),
+        LossCase(
+            "dist",
+            F.dist_loss,
+            oracle.dist,
+            "DISTLoss",
+            {},
+            False,
+            False,
+            False,
+            golden=(
+                Golden("dist_tau4", 4.135779212213627, {"tau": 4.0}),
+                Golden(
+                    "DISTLoss",
+                    0.5153316592545263,
+                    {"beta": 2.0, "gamma": 0.5, "tau": 1.0},
+                    via_class=True,
+                ),
+            ),
+        ),
         LossCase(
             "rkd_distance",
             F.rkd_distance_loss,
@@ -384,6 +507,11 @@ def _table() -> dict[str, LossCase]:
             False,
             True,
             False,
+            golden=(
+                Golden("rkd_distance", 0.004409100218433853),
+                Golden("RKDLoss", 0.40918093764934127, rkd_25_50, via_class=True),
+            ),
+            uses=no_gradient_property,
         ),
         LossCase(
             "rkd_angle",
@@ -394,6 +522,8 @@ def _table() -> dict[str, LossCase]:
             False,
             True,
             False,
+            golden=(Golden("rkd_angle", 0.005979068643769899),),
+            uses=no_gradient_property,
         ),
     ]
     return {case.name: case for case in cases}
@@ -405,3 +535,27 @@ LOSS_NAMES = list(LOSSES)
 WEIGHTED_LOSSES = [name for name, case in LOSSES.items() if case.weights]
 PAIRWISE_LOSSES = [name for name, case in LOSSES.items() if case.pairwise]
 DECOMPOSING_LOSSES = [name for name, case in LOSSES.items() if case.decomposes]
+GOLDEN = {golden.label: (case, golden) for case in LOSSES.values() for golden in case.golden}
+
+
+def forms(use: str) -> dict[str, tuple[LossCase, Form | None]]:
+    """Every entry and form of the table with ``use`` (``USES``): name -> (case, form).
+
+    A form is named as in its case's ``forms``; ``None`` is the plain call.
+    ``"weighted"`` keeps only the losses that accept ``sample_weight``.
+    """
+    assert use in USES, use
+    out: dict[str, tuple[LossCase, Form | None]] = {}
+    for case in LOSSES.values():
+        if use == "weighted" and not case.weights:
+            continue
+        if use in case.uses:
+            out[case.name] = (case, None)
+        out.update({name: (case, f) for name, f in case.forms.items() if use in f.uses})
+    return out
+
+
+def call_form(entry: tuple[LossCase, Form | None], t: Any, s: Any, *args: Any) -> Any:
+    """The loss of a :func:`forms` entry on ``(t, s)`` (``args``: e.g. ``sample_weight``)."""
+    case, form = entry
+    return case.fn(t, s, *args, **(form.options(s) if form else {}))

@@ -18,7 +18,7 @@ from itertools import combinations
 import numpy as np
 import oracle
 import pytest
-from helpers import BACKEND
+from helpers import BACKEND, forms
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,30 +38,20 @@ if backend == "jax":
     jax.config.update("jax_enable_x64", True)
 import keras
 import numpy as np
-from ckd_core import functional as F
+sys.path.insert(0, os.environ["CKD_TESTS_DIR"])
+from helpers import call_form, forms
 
 rng = np.random.default_rng(2024)
 n, d = 7, 5
 teacher = rng.standard_normal((n, d))
 student = rng.standard_normal((n, d)) * 2 + 0.5
 student[3] = student[1]  # a duplicated row
-weights = np.linspace(0.0, 2.0, n)
-a, b = np.array([0, 1, 2, 6, 3]), np.array([4, 4, 5, 0, 1])
-ga, gb = np.array([[0, 1], [2, 3], [4, 6]]), np.array([[5, 6], [1, 1], [0, 2]])
-proj = F.make_projection(d, 3, "orthogonal", seed=4)
 
-def losses(dtype):
-    w = keras.ops.convert_to_tensor(weights, dtype=dtype)
+def losses():
+    # every loss and form of the table with the "backends" use
     return {
-        "comparative": lambda t, s: F.comparative_loss(t, s),
-        "weighted": lambda t, s: F.comparative_loss(t, s, sample_weight=w),
-        "pairs": lambda t, s: F.comparative_loss(t, s, pairs=(a, b)),
-        "groups": lambda t, s: F.comparative_loss(t, s, groups=(ga, gb)),
-        "projected": lambda t, s: F.projected_rkd_loss(t, s, proj),
-        "kd": lambda t, s: F.kd_loss(t, s, temperature=2.0),
-        "dist": lambda t, s: F.dist_loss(t, s),
-        "rkd_distance": F.rkd_distance_loss,
-        "rkd_angle": F.rkd_angle_loss,
+        name: (lambda t, s, entry=entry: call_form(entry, t, s))
+        for name, entry in forms("backends").items()
     }
 
 def compiled(fn):
@@ -87,7 +77,7 @@ out = {"values": {}, "grads": {}}
 for dtype in ("float32", "float64"):
     t = keras.ops.convert_to_tensor(teacher.astype(dtype), dtype=dtype)
     s = keras.ops.convert_to_tensor(student.astype(dtype), dtype=dtype)
-    for name, fn in losses(dtype).items():
+    for name, fn in losses().items():
         value = keras.ops.convert_to_numpy(compiled(fn)(t, s))
         out["values"][f"{name}/{dtype}"] = float(value)
         if dtype == "float64":
@@ -101,7 +91,12 @@ print("RESULT" + json.dumps(out))
 def _run_all() -> dict[str, dict]:
     procs = {}
     for backend in BACKENDS:
-        env = {**os.environ, "KERAS_BACKEND": backend, "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "OMP_NUM_THREADS": "1",
+            "CKD_TESTS_DIR": os.path.dirname(os.path.abspath(__file__)),
+        }
         procs[backend] = subprocess.Popen(
             [sys.executable, "-c", SCRIPT],
             env=env,
@@ -128,7 +123,7 @@ def _tolerance(key: str, backends: tuple[str, ...]) -> float:
 def test_four_backends_agree_pairwise():
     results = _run_all()
     keys = results["numpy"]["values"].keys()
-    assert len(keys) == 18
+    assert len(keys) == 2 * len(forms("backends"))  # float32 and float64
     for b1, b2 in combinations(BACKENDS, 2):
         for key in keys:
             v1, v2 = results[b1]["values"][key], results[b2]["values"][key]

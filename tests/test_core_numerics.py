@@ -189,6 +189,97 @@ def test_ckd_scales_before_squaring(form: str, magnitude: float) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The data-parallel path (all_reduce): exact Hessian, scaled before squaring
+# ---------------------------------------------------------------------------
+
+COPIES = 3  # replicas simulated in one process: each holds the same shard
+
+
+def _sum_over_copies(x: Any) -> Any:
+    """``all_reduce`` of ``COPIES`` replicas with equal shards: the sum is ``COPIES * x``.
+
+    The loss is then that of the batch tiled ``COPIES`` times, as a function of one
+    shard: its derivatives include every cross-replica term.
+    """
+    return x * COPIES
+
+
+ALL_REDUCE_WEIGHTS = np.array([1.0, 2.0, 0.5, 3.0, 1.5])
+ALL_REDUCE_FORMS = {
+    "all": lambda t, s, reduce=None: F.comparative_loss(t, s, all_reduce=reduce),
+    "weighted": lambda t, s, reduce=None: F.comparative_loss(
+        t, s, np.tile(ALL_REDUCE_WEIGHTS, s.shape[0] // 5), all_reduce=reduce
+    ),
+    "projected": lambda t, s, reduce=None: F.projected_rkd_loss(
+        t, s, np.array([[1.0, 0.5], [-0.5, 1.0], [0.25, 2.0]])[: s.shape[1]], all_reduce=reduce
+    ),
+}
+
+
+def _tiled(x: Any) -> Any:
+    import keras
+
+    return keras.ops.concatenate([x] * COPIES, axis=0)
+
+
+@requires_gradients
+@pytest.mark.parametrize("form", list(ALL_REDUCE_FORMS))
+def test_all_reduce_hessian_is_exact(form: str) -> None:
+    """The Hessian through ``all_reduce`` equals finite differences of its gradient and the
+    single-process Hessian of the tiled batch (the global mean carried no gradient)."""
+    loss = ALL_REDUCE_FORMS[form]
+    distributed = functools.partial(loss, reduce=_sum_over_copies)
+    t, s = _batch(5, 3, seed=11)
+    h = hessian(distributed, t, s)
+    tiled = hessian(lambda a, b: _tiled_form(loss, a, b), t, s)
+    np.testing.assert_allclose(h, tiled, rtol=1e-9, atol=1e-12)
+    step = 1e-5
+    for seed in range(2):  # Hessian-vector products along random directions
+        v = np.random.default_rng(seed).standard_normal(s.shape)
+        fd = (_gradient(distributed, t, s + step * v) - _gradient(distributed, t, s - step * v)) / (
+            2 * step
+        )
+        np.testing.assert_allclose(h @ v.ravel(), fd.ravel(), rtol=1e-5, atol=1e-7)
+
+
+def _tiled_form(loss: Any, t: Any, s: Any) -> Any:
+    """The single-process loss of the batch of every copy (weights tiled alike)."""
+    return loss(_tiled(t), _tiled(s))
+
+
+@pytest.mark.parametrize("form", list(ALL_REDUCE_FORMS))
+@pytest.mark.parametrize("magnitude", [8.66e18, 1.0])
+def test_all_reduce_scales_before_squaring(form: str, magnitude: float) -> None:
+    """float32 residuals of 8.66e18: the sums of squares overflowed (inf), the loss of the
+    global batch fits float32."""
+    signs = np.array([[1.0, 0.5], [-1.0, 0.25], [1.0, -0.5], [-1.0, 1.0], [0.5, -1.0]])
+    t = np.zeros((5, 2), "float32")
+    s = (signs * magnitude).astype("float32")
+    want = _tiled_form(ALL_REDUCE_FORMS[form], to_tensor(t), to_tensor(s.astype(np.float64)))
+    got = ALL_REDUCE_FORMS[form](to_tensor(t, "float32"), to_tensor(s, "float32"), _sum_over_copies)
+    assert dtype_of(got) == "float32"
+    assert abs(to_float(got) - to_float(want)) <= 1e-5 * to_float(want), (got, want)
+
+
+@pytest.mark.parametrize("factor", [1e-30, 1e19])
+def test_all_reduce_weights_are_scale_free(factor: float) -> None:
+    """float32 weights of 1e19 (their squares overflowed: NaN) or 1e-30 (underflowed: 0)
+    through ``all_reduce``: the weighted loss of the global batch."""
+    t, s = (x.astype("float32") for x in _batch(5, 3, seed=12))
+    w = ALL_REDUCE_WEIGHTS * factor
+    got = F.comparative_loss(
+        to_tensor(t, "float32"),
+        to_tensor(s, "float32"),
+        w.astype("float32"),
+        all_reduce=_sum_over_copies,
+    )
+    want = oracle.comparative(
+        np.tile(t, (COPIES, 1)), np.tile(s, (COPIES, 1)), np.tile(ALL_REDUCE_WEIGHTS, COPIES)
+    )
+    assert abs(to_float(got) - want) <= 1e-5 * want, (to_float(got), want)
+
+
+# ---------------------------------------------------------------------------
 # float64 end to end (the numpy backend computed some ops in float32)
 # ---------------------------------------------------------------------------
 

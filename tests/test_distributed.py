@@ -373,15 +373,16 @@ def test_torch_collective_bytes_are_o_dim(torch_results: list[dict]) -> None:
     rows = [r for r in torch_results if "case" in r]
     by_case = {(r["world"], r["case"]): r for r in rows if r["rank"] == 0}
     for world in (2, 3):
-        # float64, d=3: forward [sum e, count] (d+1) and the centred scalar,
-        # backward the scalar's gradient.
-        assert by_case[world, "ckd"]["bytes"] == 8 * (D_OUT + 3)
-        assert by_case[world, "ckd"]["collectives"] == 3
-        # with sample weights: [sum w e, sum w, sum w^2] (d+2), scalar, scalar.
-        assert by_case[world, "ckd_weighted"]["bytes"] == 8 * (D_OUT + 4)
+        # float64, d=3: forward the summed peak (1), [count, sum e] (d+1) and the
+        # centred scalar; backward the gradients of the last two (d+1, 1).
+        assert by_case[world, "ckd"]["bytes"] == 8 * (2 * D_OUT + 5)
+        assert by_case[world, "ckd"]["collectives"] == 5
+        # with sample weights: peaks of e and w (2), [sum w, sum w^2, sum w e] (d+2)
+        # and the scalar; backward d+2 and 1.
+        assert by_case[world, "ckd_weighted"]["bytes"] == 8 * (2 * D_OUT + 8)
     sizes = [r for r in torch_results if r.get("bytes_case") == "ckd"]
     for r in sizes:  # O(d): independent of n, 4-byte floats
-        assert r["bytes"] == 4 * (r["d"] + 3), r
+        assert r["bytes"] == 4 * (2 * r["d"] + 5), r
     gathers = [r for r in torch_results if r.get("bytes_case") == "gather_embeddings"]
     for r in gathers:  # two (world * n, d) gathers plus their sizes
         assert r["bytes"] == 2 * (r["world"] * r["n"] * r["d"] * 4 + 8 * r["world"]), r

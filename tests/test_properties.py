@@ -14,13 +14,16 @@ import oracle
 import pytest
 from helpers import (
     BACKEND,
+    LOSSES,
     Batch,
     as_dtype,
     assert_close,
     batches,
+    call_form,
     compute_eps,
     dtype_of,
     expected_out_dtypes,
+    forms,
     min_separation,
     requires_gradients,
     sizes,
@@ -347,25 +350,6 @@ def test_rkd_zero_at_equal_inputs(b):
 # ---------------------------------------------------------------------------
 
 
-def _loss_fns(b: Batch):
-    rng = b.rng(11)
-    a, c = rng.integers(0, b.n, size=2 * b.n), rng.integers(0, b.n, size=2 * b.n)
-    ga, gb = rng.integers(0, b.n, size=(b.n, 3)), rng.integers(0, b.n, size=(b.n, 2))
-    w = to_tensor(_weights(b) + 0.125, "float64")
-    p = F.make_projection(b.d, 5, "gaussian", seed=1)
-    return {
-        "comparative": lambda t, s: F.comparative_loss(t, s),
-        "weighted": lambda t, s: F.comparative_loss(t, s, sample_weight=w),
-        "pairs": lambda t, s: F.comparative_loss(t, s, pairs=(a, c)),
-        "groups": lambda t, s: F.comparative_loss(t, s, groups=(ga, gb)),
-        "projected": lambda t, s: F.projected_rkd_loss(t, s, p),
-        "kd": lambda t, s: F.kd_loss(t, s, temperature=2.0),
-        "dist": lambda t, s: F.dist_loss(t, s),
-        "rkd_distance": F.rkd_distance_loss,
-        "rkd_angle": F.rkd_angle_loss,
-    }
-
-
 def _noise_scale(name: str, b: Batch) -> float:
     """Size of the terms that cancel inside a loss (its rounding noise is ~eps times this).
 
@@ -415,11 +399,11 @@ def _check_directional_derivatives(
     return grads[0]
 
 
-GRAD_LOSSES = ["comparative", "weighted", "pairs", "groups", "projected", "kd", "dist"]
+GRAD_LOSSES = forms("gradient")
 
 
 @requires_gradients
-@pytest.mark.parametrize("name", GRAD_LOSSES)
+@pytest.mark.parametrize("name", list(GRAD_LOSSES))
 @given(
     b=batches(
         max_n=32,
@@ -430,7 +414,9 @@ GRAD_LOSSES = ["comparative", "weighted", "pairs", "groups", "projected", "kd", 
     )
 )
 def test_gradients_match_finite_differences(name, b):
-    fn = _loss_fns(b)[name]
+    def fn(t, s):
+        return call_form(GRAD_LOSSES[name], t, s)
+
     # KD (T=2) and DIST (tau=4) soften logits by a fixed temperature: their
     # curvature does not shrink with large logits, so neither may the step.
     max_step = 1e-4 if name in ("kd", "dist") else float("inf")
@@ -452,7 +438,7 @@ def test_rkd_gradients_match_finite_differences(name, b):
     # Kinks (the 1e-12 distance clamp, the duplicate threshold) only matter
     # for (near-)duplicate rows: keep rows apart so that the loss is smooth.
     assume(min(min_separation(b.teacher), min_separation(b.student)) > 1e-2)
-    fn = _loss_fns(b)[name]
+    fn = LOSSES[name].fn
     teacher_grad = _check_directional_derivatives(fn, b, noise=1.0, move_teacher=False)
     # The teacher side carries no gradient.
     assert np.all(teacher_grad == 0)

@@ -3,9 +3,10 @@
 Each replica of a data-parallel step holds a shard of the global batch.
 Passing :func:`replica_sum` as ``all_reduce`` to :class:`ckd_core.ComparativeLoss`
 or :class:`ckd_core.ProjectedRKDLoss` makes every replica compute the
-all-pairs loss of the global batch (shards may differ in size), for two
-replica-context all-reduces of ``dim + 1`` (``dim + 2`` with
-``sample_weight``) and 1 numbers per call, plus one number in the backward.
+all-pairs loss of the global batch (shards may differ in size), for three
+replica-context all-reduces of 1, ``dim + 1`` and 1 numbers per call (2,
+``dim + 2`` and 1 with ``sample_weight``), plus ``dim + 1`` (``dim + 2``)
+and 1 numbers in the backward.
 
 Gradient scale: the gradient of a replica-context all-reduce is again an
 all-reduce (sum), so each replica's gradient of the global loss is

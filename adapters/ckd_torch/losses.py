@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -20,23 +19,12 @@ import torch
 import ckd_core
 from ckd_core._private_api import keras_torch_device
 from ckd_torch.distributed import all_reduce_sum, gather_rows
+from ckd_torch.fast_paths import all_pairs_ckd, autocast_enabled
 
 #: torch's ``reduction`` names -> the core's (Keras') ``reduction`` values.
 REDUCTIONS: dict[str, str | None] = {"mean": "sum_over_batch_size", "sum": "sum", "none": None}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CORE_NAMES = ((re.compile(r"\by_true\b"), "teacher"), (re.compile(r"\by_pred\b"), "student"))
-
-
-def _autocast_check() -> Callable[[str], bool]:
-    """``torch.is_autocast_enabled(device_type)``; always True on torch < 2.4 (no device arg)."""
-    try:
-        torch.is_autocast_enabled("cpu")
-    except TypeError:  # pragma: no cover - torch < 2.4: always leave autocast
-        return lambda device_type: True
-    return torch.is_autocast_enabled
-
-
-_autocast_enabled = _autocast_check()
 
 
 def _check_tensors(student: Any, teacher: Any, loss: str) -> None:
@@ -134,6 +122,8 @@ class _CoreLoss(torch.nn.Module):
         # adapter skips (its name scope costs more than a small loss): cast here.
         cast = options.get("dtype") is not None
         self._input_dtype = getattr(torch, core.dtype) if cast else None
+        # Options that only the core handles: no torch-native fast path.
+        self._plain = self.reduction == "mean" and not self.global_batch and not cast
         return core
 
     def __getstate__(self) -> dict[str, Any]:
@@ -163,14 +153,16 @@ class _CoreLoss(torch.nn.Module):
         clone.__setstate__(copy.deepcopy(self._state(), memo))
         return clone
 
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(batch, ...)`` as ``(batch, features)`` (feature losses only)."""
+        if self.flattens_features and x.ndim > 2:
+            return x.reshape(x.shape[0], -1)
+        return x
+
     def _run(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.flattens_features and student.ndim > 2:
-            student = student.reshape(student.shape[0], -1)
-        if self.flattens_features and teacher.ndim > 2:
-            teacher = teacher.reshape(teacher.shape[0], -1)
-        teacher = teacher.detach()
+        student, teacher = self._flat(student), self._flat(teacher).detach()
         device = student.device
-        if _autocast_enabled(device.type):
+        if autocast_enabled(device.type):
             # Like torch's losses under autocast: float32 inside and out.
             with torch.autocast(device.type, enabled=False):
                 if student.dtype in _LOW_PRECISION:
@@ -227,9 +219,10 @@ class ComparativeLoss(_CoreLoss):
     ``DistributedDataParallel``): with ``global_batch=True`` (or a
     ``process_group``) the pairs run over the global batch, the concatenation
     of every rank's rows in rank order (shards may differ in size), and every
-    rank returns that global loss. Two all-reduces of ``dim + 1`` (``dim +
-    2`` with ``sample_weight``) and 1 numbers per call in the forward pass,
-    one number in the backward: O(dim) communication, independent of the
+    rank returns that global loss. Three all-reduces of 1, ``dim + 1`` and
+    1 numbers per call in the forward pass (2, ``dim + 2`` and 1 with
+    ``sample_weight``), two in the backward (``dim + 1`` or ``dim + 2``,
+    and 1): O(dim) communication, independent of the
     batch size. Each rank's backward yields ``world_size`` times the global
     loss's gradient through its own rows, so DDP's gradient averaging leaves
     exactly the single-process gradient on the global batch. Without an
@@ -249,6 +242,10 @@ class ComparativeLoss(_CoreLoss):
         groups: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         _check_tensors(student, teacher, "ComparativeLoss")
+        if self._plain and pairs is None and groups is None and sample_weight is None:
+            loss = all_pairs_ckd(self._flat(student), self._flat(teacher).detach())
+            if loss is not None:
+                return loss
         return self._run(
             student,
             teacher,

@@ -122,54 +122,68 @@ def _all_pairs_terms(e: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
     return shares * rows, peak
 
 
+def _shard_peak(x: Tensor) -> Tensor:
+    """``max |x|`` of a replica's shard (0 for an empty one), without gradient, shape (1,)."""
+    flat = ops.reshape(ops.abs(ops.stop_gradient(x)), (-1,))
+    if x.shape[0] is None or x.shape[0] == 0:
+        flat = ops.concatenate([flat, ops.zeros((1,), flat.dtype)])
+    return ops.reshape(ops.amax(flat), (1,))
+
+
 def _global_all_pairs_mse(e: Tensor, w: Tensor | None, all_reduce: AllReduce) -> Tensor:
     """:func:`_all_pairs_mse` of the batch concatenated over all replicas.
 
     ``all_reduce`` sums a tensor over the replicas (the local shards of the
-    global batch may have different sizes). Two collectives of O(d) elements,
-    whatever the batch size, in the two-pass centred form (no
+    global batch may have different sizes). Three collectives of O(d)
+    elements, whatever the batch size, in the two-pass centred form (no
     ``sum||e||^2 - ||sum e||^2 / W`` cancellation):
 
-    1. ``[sum_i w_i e_i, sum_i w_i, sum_i w_i^2]`` (``d + 2`` numbers;
-       ``[sum_i e_i, n]`` without weights) gives the global weight sum ``W``
-       and mean ``m``;
-    2. the scalar ``sum_i w_i ||e_i - m||^2`` about that global mean, which
-       equals Chan's merge ``M2_r + W_r ||m_r - m||^2`` of the local centred
-       sums, summed over replicas.
+    1. the sum ``P`` of the replicas' peaks ``max |e|`` (and ``max w``),
+       without gradient: every replica divides by the same ``P >= max |e|``
+       before summing or squaring, so nothing overflows where the loss fits
+       (the loss is ``P^2`` times that of ``e / P``, as in :func:`_peak`);
+    2. ``[n, sum_i e_i]`` (``[W, sum_i w_i^2, sum_i w_i e_i]`` with weights)
+       gives the global weight sum ``W`` and mean ``m``;
+    3. the scalar ``sum_i w_i ||e_i - m||^2`` about that global mean (Chan's
+       merge of the local centred sums).
 
-    The mean carries no gradient: ``d/dm sum_i w_i ||e_i - m||^2 = 0`` at
-    the global mean, so only the scalar of step 2 needs a differentiable
-    collective (plus the weight sums when the weights require gradients).
+    Steps 2 and 3 are differentiated through the collective (its backward
+    is again a sum over replicas): the gradient through ``m`` vanishes, but
+    its derivative does not, so the Hessian is that of the pair form.
     Each replica returns the same global loss; its gradient with respect to
     the local rows is that of the global loss once summed over replicas by
     the collective's backward (see the adapters for the resulting scale).
     """
     d = _size(e, 1)
+    dtype = keras.backend.standardize_dtype(e.dtype)
+    peaks = all_reduce(
+        _shard_peak(e) if w is None else ops.concatenate([_shard_peak(e), _shard_peak(w)])
+    )
+    # Guards by masks, not ops.where: Keras' numpy backend computes
+    # ops.where in float32 even for float64 operands.
+    peaks = ops.stop_gradient(peaks + ops.cast(peaks <= 0, dtype))
+    e = e / peaks[0]
     # The counts come first, so that no slice needs a static ``d``.
     if w is None:
         count = ops.sum(ops.ones_like(e[:, :1]), axis=0)  # (1,), in e's dtype
-        stats = all_reduce(ops.concatenate([count, ops.stop_gradient(ops.sum(e, axis=0))]))
+        stats = all_reduce(ops.concatenate([count, ops.sum(e, axis=0)]))
         total_w = stats[0:1]
         pair_w = total_w * (total_w - 1)
         sums = stats[1:]
     else:
-        w_col = w[:, None]
+        w = w / peaks[1]
         weight_sums = ops.stack([ops.sum(w), ops.sum(ops64.square(w))])
-        local = ops.concatenate([weight_sums, ops.stop_gradient(ops.sum(e * w_col, axis=0))])
-        stats = all_reduce(local)
+        stats = all_reduce(ops.concatenate([weight_sums, ops.sum(e * w[:, None], axis=0)]))
         total_w = stats[0:1]
         pair_w = ops64.square(total_w) - stats[1:2]
         sums = stats[2:]
-    # Guards by masks, not ops.where: Keras' numpy backend computes
-    # ops.where in float32 even for float64 operands.
-    dtype = keras.backend.standardize_dtype(e.dtype)
     mean = sums[None, :] / (total_w + ops.cast(total_w <= 0, dtype))
     sq = ops64.square(e - mean)
     local_spread = ops.sum(sq if w is None else sq * w[:, None])
     spread = all_reduce(ops.reshape(local_spread, (1,)))
     has_pairs = ops.cast(pair_w > 0, dtype)
     ratio = (2 * total_w * spread) / ((pair_w + (1 - has_pairs)) * d)
-    return ops.reshape(ratio * has_pairs, ())
+    return ops.reshape(ratio * has_pairs * peaks[0] * peaks[0], ())
 
 
 def comparative_loss(
@@ -213,7 +227,7 @@ def comparative_loss(
             the replicas (autograd-aware where gradients are needed). The
             all-pairs loss then covers the global batch, the concatenation
             of every replica's rows (shards may differ in size), for
-            ``O(dim)`` numbers communicated per call (two collectives), not
+            ``O(dim)`` numbers communicated per call (three collectives), not
             ``O(batch·dim)``. Only with ``pairs="all"`` and the default
             ``reduction``.
         reduction: Keras' meaning. ``"sum_over_batch_size"`` (default): the

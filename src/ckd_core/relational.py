@@ -48,16 +48,16 @@ def _sq_dist(gram: Tensor) -> Tensor:
     return sq_norm[:, None] + sq_norm[None, :] - gram * 2
 
 
-def _normalized_distances(x: Tensor) -> Tensor:
-    """Pairwise distances divided by their off-diagonal mean (RepDistiller).
+def _normalized_distances(gram: Tensor) -> Tensor:
+    """Pairwise distances (of the rows of Gram matrix ``gram``) over their off-diagonal mean.
 
-    Works with an unknown (traced) batch size, where a batch of 0 or 1 rows
-    gives all-zero distances.
+    As in RepDistiller. Works with an unknown (traced) batch size, where a
+    batch of 0 or 1 rows gives all-zero distances.
     """
-    n = _num_rows(x)
-    sq_dist = _sq_dist(_centred_gram(x))
+    n = _num_rows(gram)
+    sq_dist = _sq_dist(gram)
     dist = ops64.sqrt(ops64.where(sq_dist > _PDIST_EPS, sq_dist, _PDIST_EPS))
-    size = n if isinstance(n, int) else ops.shape(x)[0]
+    size = n if isinstance(n, int) else ops.shape(gram)[0]
     dist = dist * (1 - ops.eye(size, dtype=keras.backend.standardize_dtype(dist.dtype)))
     # Off-diagonal distances are >= sqrt(eps) > 0, so "mean of the nonzero
     # distances" is the sum over the n (n - 1) off-diagonal entries (none
@@ -101,10 +101,14 @@ def rkd_distance_loss(
     Reference:
         Park, Kim, Lu, Cho. "Relational Knowledge Distillation." CVPR 2019.
     """
-    check_reduction(reduction, "RKD")
-    y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
-    y_true, y_pred = _gather(y_true, y_pred, all_gather)
-    return _cast(_distance_term(y_true, y_pred), out_dtype)
+    return rkd_loss(
+        y_true,
+        y_pred,
+        distance_weight=1,
+        angle_weight=0,
+        all_gather=all_gather,
+        reduction=reduction,
+    )
 
 
 def _gather(y_true: Tensor, y_pred: Tensor, all_gather: AllGather | None) -> tuple[Tensor, Tensor]:
@@ -115,26 +119,26 @@ def _gather(y_true: Tensor, y_pred: Tensor, all_gather: AllGather | None) -> tup
     return all_gather(y_true), all_gather(y_pred)
 
 
-def _distance_term(y_true: Tensor, y_pred: Tensor) -> Tensor:
-    # The clamps and the overflow guard would send NaN/inf input to a finite
-    # branch: the marker keeps it visible in the loss.
+def _weighted_terms(
+    y_true: Tensor, y_pred: Tensor, distance_weight: float, angle_weight: float
+) -> Tensor:
+    """``distance_weight * distance + angle_weight * angle`` from one pair of Gram matrices.
+
+    A zero weight skips its term. The clamps and the overflow guard would
+    send NaN/inf input to a finite branch: the marker keeps it in the loss.
+    """
     marker = _nonfinite_marker(y_true, y_pred)
     n = y_pred.shape[0]
-    if n is not None and n < 2:
+    if (n is not None and n < 2) or not (distance_weight or angle_weight):
         return ops.sum(y_pred * 0) + marker
-    teacher = _normalized_distances(y_true)
-    student = _normalized_distances(y_pred)
-    return _mean(_smooth_l1(student - teacher)) + marker
-
-
-def _angle_term(y_true: Tensor, y_pred: Tensor) -> Tensor:
-    marker = _nonfinite_marker(y_true, y_pred)
-    n = y_pred.shape[0]
-    if n is not None and n < 2:
-        return ops.sum(y_pred * 0) + marker
-    gram_s = _centred_gram(y_pred)
-    gram_t = _centred_gram(y_true)
-    return _angle_loss_of_gram(gram_s, gram_t) + marker
+    gram_s, gram_t = _centred_gram(y_pred), _centred_gram(y_true)
+    loss = marker
+    if distance_weight:
+        student, teacher = _normalized_distances(gram_s), _normalized_distances(gram_t)
+        loss = loss + _mean(_smooth_l1(student - teacher)) * distance_weight
+    if angle_weight:
+        loss = loss + _angle_loss_of_gram(gram_s, gram_t) * angle_weight
+    return loss
 
 
 def rkd_loss(
@@ -157,12 +161,7 @@ def rkd_loss(
     check_reduction(reduction, "RKD")
     y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
     y_true, y_pred = _gather(y_true, y_pred, all_gather)
-    if distance_weight or not angle_weight:
-        loss = _distance_term(y_true, y_pred) * distance_weight
-    if angle_weight:
-        angle = _angle_term(y_true, y_pred) * angle_weight
-        loss = angle if not distance_weight else loss + angle
-    return _cast(loss, out_dtype)
+    return _cast(_weighted_terms(y_true, y_pred, distance_weight, angle_weight), out_dtype)
 
 
 def rkd_angle_loss(
@@ -196,7 +195,11 @@ def rkd_angle_loss(
     Reference:
         Park, Kim, Lu, Cho. "Relational Knowledge Distillation." CVPR 2019.
     """
-    check_reduction(reduction, "RKD")
-    y_true, y_pred, out_dtype = _prepare(y_true, y_pred)
-    y_true, y_pred = _gather(y_true, y_pred, all_gather)
-    return _cast(_angle_term(y_true, y_pred), out_dtype)
+    return rkd_loss(
+        y_true,
+        y_pred,
+        distance_weight=0,
+        angle_weight=1,
+        all_gather=all_gather,
+        reduction=reduction,
+    )
