@@ -22,14 +22,14 @@ explicit ``(n, n, n)`` form and against finite differences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from ckd_core import _private_api
-from ckd_core._checks import _BACKEND, Tensor, ops64
+from ckd_core._checks import Tensor, ops64
 
 # RepDistiller clamps squared pairwise distances at this value before sqrt.
 _PDIST_EPS = 1e-12
@@ -42,6 +42,19 @@ _DUPLICATE_ULPS = 8
 # temporary) measured fastest on CPU (benchmarks/losses.py): 4-5x faster
 # than 2**23 at n=256, where every temporary missed the cache.
 _ANGLE_CHUNK_ENTRIES = 1 << 19
+
+#: A framework's native kernel of :func:`_angle_loss_and_gram_grad` (the same
+#: sums, registered by an adapter: ``ckd_torch`` registers one for eager torch).
+#: Called with the two Gram matrices, it returns ``(loss, gradient)``, or None
+#: where it does not apply (then the Keras ops below run).
+AngleKernel = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor] | None"]
+_native_kernels: list[AngleKernel] = []
+
+
+def register_native_kernel(kernel: AngleKernel) -> None:
+    """Let ``kernel`` compute the angle term where it applies (once per kernel)."""
+    if kernel not in _native_kernels:
+        _native_kernels.append(kernel)
 
 
 def _inverse_distances(gram: Tensor) -> Tensor:
@@ -95,8 +108,9 @@ def _angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, T
     no ``(n, n, n)`` tensor either.
     """
     n = gram_s.shape[0]
-    if n is not None and _torch_eager_first_order(gram_s, gram_t):
-        return _torch_angle_loss_and_gram_grad(gram_s, gram_t)
+    for kernel in _native_kernels:
+        if n is not None and (got := kernel(gram_s, gram_t)) is not None:
+            return got
     inv_s = _inverse_distances(gram_s)
     inv_t = _inverse_distances(gram_t)
 
@@ -131,81 +145,6 @@ def _angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, T
     else:
         scale = 1 / float(max(n, 1)) ** 3
     return total * scale, grad * scale
-
-
-def _torch_eager_first_order(*grams: Tensor) -> bool:
-    """Whether the torch kernel below may run: eager torch, nothing recorded or traced.
-
-    Its in-place updates would break a recorded graph (the Hessian's
-    recomputation), ``torch.func`` transforms and compiled graphs (which
-    fuse the element-wise passes anyway): those use the Keras ops above.
-    """
-    if _BACKEND != "torch":
-        return False
-    import torch
-
-    return not (
-        torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
-        or any(_private_api.torch_functorch_wrapped(g) for g in grams)
-    )
-
-
-def _torch_inverse_distances(gram: Tensor) -> Tensor:
-    """:func:`_inverse_distances` in torch ops (values only, no gradient)."""
-    import torch
-
-    sq_norm = torch.diagonal(gram)
-    pair = sq_norm[:, None] + sq_norm[None, :]
-    eps = torch.finfo(gram.dtype).eps
-    sq_dist = pair - gram * 2
-    valid = sq_dist > pair * (_DUPLICATE_ULPS * eps) + _PDIST_EPS
-    return torch.where(valid, torch.where(valid, sq_dist, 1).rsqrt(), 0)
-
-
-def _torch_angle_loss_and_gram_grad(gram_s: Tensor, gram_t: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_angle_loss_and_gram_grad` in torch ops: the same sums in fewer passes.
-
-    Every ``(chunk, n, n)`` temporary is updated in place where the Keras
-    version allocates a new one; ``smooth_l1(x) = s x - s^2 / 2`` with
-    ``s = clip(x, -1, 1)`` is summed by two dot products and the row and
-    anchor sums run as matrix-vector products (BLAS); no per-op dispatch cost.
-    """
-    import torch
-
-    n = gram_s.shape[0]
-    inv_s, inv_t = _torch_inverse_distances(gram_s), _torch_inverse_distances(gram_t)
-    h_s = torch.diagonal(gram_s)[:, None] * 0.5 - gram_s  # h[a, j] = G_aa / 2 - G_aj
-    h_t = torch.diagonal(gram_t)[:, None] * 0.5 - gram_t
-    ones = gram_s.new_ones(n, 1)
-    total = gram_s.new_zeros(())
-    grad_inner = torch.zeros_like(gram_s)
-    grad_col_diag = gram_s.new_zeros(n)
-    grad_rows, grad_diag = [], []
-    for start, stop in _angle_chunks(n):
-        inv_rows, inv_rows_t = inv_s[start:stop], inv_t[start:stop]
-        count = inv_rows.shape[0]
-        scale = inv_rows[:, :, None] * inv_rows[:, None, :]
-        h, h_teacher = h_s[start:stop], h_t[start:stop]
-        cos_s = torch.add(h[:, :, None], h[:, None, :]).add_(gram_s).mul_(scale)
-        diff = torch.add(h_teacher[:, :, None], h_teacher[:, None, :]).add_(gram_t)
-        diff.mul_(inv_rows_t[:, :, None] * inv_rows_t[:, None, :])  # rounded as cos_s
-        torch.sub(cos_s, diff, out=diff)
-        slope = diff.clamp(-1, 1)  # smooth-L1'
-        flat_slope = slope.view(-1)
-        total += torch.dot(flat_slope, diff.view(-1)) - 0.5 * torch.dot(flat_slope, flat_slope)
-        slope_cos = torch.bmm(cos_s.mul_(slope), ones.expand(count, n, 1)).view(count, n)
-        d_sq_dist = -(inv_rows * inv_rows) * slope_cos
-        d_inner = slope.mul_(scale)
-        grad_inner += (ones[:count].T @ d_inner.view(count, n * n)).view(n, n)
-        d_inner_rows = (d_inner.view(count * n, n) @ ones).view(count, n)
-        grad_rows.append(-2 * (d_inner_rows + d_sq_dist))
-        grad_diag.append(d_inner_rows.sum(dim=1) + d_sq_dist.sum(dim=1))
-        grad_col_diag += d_sq_dist.sum(dim=0)
-    grad = grad_inner + torch.cat(grad_rows)
-    grad += torch.diag(torch.cat(grad_diag) + grad_col_diag)
-    scale_n = 1 / float(max(n, 1)) ** 3
-    return total * scale_n, grad * scale_n
 
 
 def _angle_loss_of_gram_with_grad(gram_s: Tensor, gram_t: Tensor) -> Any:
