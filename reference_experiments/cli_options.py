@@ -27,7 +27,9 @@ __all__ = [
     "MODEL_NAMES",
     "Parser",
     "add_data_dir",
+    "add_campaign_arguments",
     "add_device",
+    "add_precision",
     "add_preset",
     "add_run_arguments",
     "check_choice",
@@ -82,6 +84,8 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "vid+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 1 VID on feature differences",
     "cc+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 0.02 CC of embedded differences",
 }
+#: the compute precisions (``devices.PRECISIONS``' keys; fp32 as the official code)
+PRECISION_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 #: the data sets of RepDistiller's CIFAR teachers (``import-teacher --dataset``)
 IMPORT_DATASETS: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg")
 #: the names each RunConfig field may take, known without importing the engine
@@ -91,12 +95,18 @@ RUN_CHOICES: dict[str, Sequence[str]] = {
     "method": tuple(METHOD_DESCRIPTIONS),
     "preset": tuple(PRESETS),
     "teacher_view": TEACHER_VIEWS,
+    "precision": PRECISION_NAMES,
 }
 
 DEVICE_HELP = "auto (cuda if available), cpu, cuda or cuda:N"
 DATA_DIR_HELP = (
     "folder holding the datasets (default: $CKD_DATA_DIR, else ../shared/data beside "
     "the clone when it exists; `prepare-data` builds cifar10-jpeg there)"
+)
+PRECISION_HELP = (
+    "compute precision on CUDA: fp32 (default; the official code and the paper preset), "
+    "bf16 or fp16 (autocast, losses in fp32; BatchNorm in fp32); the CPU computes in "
+    "fp32. Part of the run id unless fp32; recorded in every row"
 )
 PRESET_HELP = "schedule: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -134,6 +144,12 @@ def add_preset(parser: argparse.ArgumentParser, default: str | None = None) -> N
     parser.add_argument("--preset", default=default, help=PRESET_HELP)
 
 
+def add_precision(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--precision", choices=PRECISION_NAMES, default=default, help=PRECISION_HELP
+    )
+
+
 #: checked types of RunConfig's number options; the shared options declared above
 _RUN_TYPES: dict[str, Any] = {
     "seed": seed_int,
@@ -143,7 +159,12 @@ _RUN_TYPES: dict[str, Any] = {
     "batch_size": int,
     "lr": float,
 }
-_SHARED = {"device": add_device, "data_dir": add_data_dir, "preset": add_preset}
+_SHARED = {
+    "device": add_device,
+    "data_dir": add_data_dir,
+    "preset": add_preset,
+    "precision": add_precision,
+}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, required: Sequence[str] = ()) -> None:
@@ -170,6 +191,31 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, required: Sequence[str
             metavar=f.name.upper(),
             help=help_text,
         )
+
+
+def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
+    """``campaign``'s options (see ``reference_experiments.campaign``)."""
+    parser.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
+    parser.add_argument("--out", required=True, help="rows, teachers and the log go here, at once")
+    add_device(parser)
+    add_data_dir(parser)
+    add_precision(parser, "fp32")
+    parser.add_argument(
+        "--stack", type=positive_int, default=32, metavar="N", help="runs per stacked step"
+    )
+    parser.add_argument(
+        "--teachers-in",
+        default=None,
+        metavar="DIR",
+        help="teachers an earlier window brought back (read first, never written)",
+    )
+    parser.add_argument(
+        "--stop-on-failure",
+        action="store_true",
+        help="end at the first failed stack (default: keep going, record it, run the next)",
+    )
+    parser.add_argument("--skip-preflight", action="store_true", help="no preflight checks")
+    parser.add_argument("--dry-run", action="store_true", help="validate the plan, train nothing")
 
 
 def add_train_teacher_arguments(parser: argparse.ArgumentParser) -> None:

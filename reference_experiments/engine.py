@@ -38,6 +38,7 @@ import torch
 from .augment import draw_crops
 from .config import RunConfig
 from .data import ImageDataset
+from .devices import compute_precision
 from .protocol import Event, best_on_validation
 from .rows import ResultRow
 from .spectrum import flat_dims, within_class_spectrum
@@ -209,6 +210,7 @@ def _row(stack: Stack, i: int, test: list, y_test: torch.Tensor) -> ResultRow:
         stacked_runs=n_trials,
         wall_s=round(time.perf_counter() - stack.started, 3),
         ran_on=str(stack.device),
+        ran_precision=compute_precision(stack.device, cfg.precision),
         teacher_test_acc=stack.teacher_meta.get("test_accuracy"),
         flat_dims=dims,
         spectrum=spec,
