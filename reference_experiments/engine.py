@@ -81,6 +81,17 @@ def _draw(stack: Stack, trial: Trial, order: torch.Tensor) -> Draw:
     return Draw(batch, crops)
 
 
+def epoch_lrs(stack: Stack, active: list[Trial]) -> torch.Tensor:
+    """``(steps, R)``: every step's lr of the epoch ahead per active trial, in one copy
+    to the device (the schedule changes phase only between epochs)."""
+    factors = [
+        [t.schedule.lr_factor(stack.step_no + s) for t in active]
+        for s in range(stack.steps_per_epoch)
+    ]
+    lr_base = torch.tensor([t.lr for t in active], device=stack.device)
+    return lr_base * torch.tensor(factors, device=stack.device).view(-1, len(active))
+
+
 def run_epoch(stack: Stack, runner: TrialByTrial, active: list[Trial]) -> torch.Tensor:
     """One epoch of steps for every active trial; their mean losses ``(R,)``."""
     device = stack.device
@@ -89,14 +100,12 @@ def run_epoch(stack: Stack, runner: TrialByTrial, active: list[Trial]) -> torch.
     t0 = time.perf_counter()
     stack.epoch += 1
     orders = [t.learner.method.epoch_order(t.generator) for t in active]
-    lr_base = torch.tensor([t.lr for t in active], device=device)
+    lrs = epoch_lrs(stack, active)
     loss_sum = torch.zeros(len(active), device=device)
     runner.begin_epoch(stack, active)
     for s in range(stack.steps_per_epoch):
         draws = [_draw(stack, t, orders[a][s]) for a, t in enumerate(active)]
-        factors = [t.schedule.lr_factor(stack.step_no) for t in active]
-        lrs = lr_base * torch.tensor(factors, device=device)
-        loss_sum += runner.step(stack, active, draws, lrs)
+        loss_sum += runner.step(stack, active, draws, lrs[s])
         stack.step_no += 1
     runner.end_epoch(stack, active)
     if device.type == "cuda":

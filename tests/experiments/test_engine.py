@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import replace
 
 import pytest
@@ -301,3 +302,46 @@ def test_every_method_trains_one_epoch(digits, teacher, name):
 def test_uses_teacher_flags():
     """Only CE runs without the teacher (the budget accounting above relies on it)."""
     assert [n for n in methods.names() if not methods.get(n).uses_teacher] == ["ce"]
+
+
+# --------------------------------------------------------------------------- host syncs
+#: calls that copy between host and device (a sync on CUDA): Python numbers and lists in
+#: or out of tensors
+HOST_CALLS = {"tensor", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
+#: a module known to make its normalisation constants per batch (two small copies)
+PER_STEP_ELSEWHERE = {"reference_experiments.augment"}
+
+
+class HostCalls(torch.overrides.TorchFunctionMode):
+    """Counts :data:`HOST_CALLS` by the module that made them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_module: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_CALLS:
+            module = sys._getframe(1).f_globals.get("__name__", "?")
+            self.by_module[module] = self.by_module.get(module, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _epoch_host_calls(digits, teacher, method: str, budget: int) -> tuple[int, dict[str, int]]:
+    stack = engine.build_stack(
+        [cfg(method=method, budget=budget, batch_size=8, seed=s) for s in (0, 1)], digits, teacher
+    )
+    runner = stepping.runner_for(stack, stack.active, {})
+    with HostCalls() as calls:
+        engine.run_epoch(stack, runner, stack.active)
+    counts = {m: n for m, n in calls.by_module.items() if m not in PER_STEP_ELSEWHERE}
+    return stack.steps_per_epoch, counts
+
+
+@pytest.mark.parametrize("method", ["kd", "crd", "rkd"])
+def test_an_epoch_copies_between_host_and_device_per_epoch_not_per_step(digits, teacher, method):
+    """Twice the steps, the same host<->device copies: none is made per step (on CUDA
+    each would wait for the device)."""
+    steps_short, short = _epoch_host_calls(digits, teacher, method, budget=60)
+    steps_long, long = _epoch_host_calls(digits, teacher, method, budget=120)
+    assert steps_long >= 2 * steps_short
+    assert long == short
