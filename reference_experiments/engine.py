@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -45,7 +46,11 @@ from .spectrum import flat_dims, within_class_spectrum
 from .stack import Learner, Stack, Teacher, Trial, build_stack, to_device
 from .stepping import Draw, TrialByTrial, runner_for
 
-__all__ = ["Learner", "train"]
+__all__ = ["Learner", "OutOfTime", "train"]
+
+
+class OutOfTime(RuntimeError):
+    """The deadline came before a stack could keep anything (see :func:`train`)."""
 
 
 def train(
@@ -54,15 +59,23 @@ def train(
     dataset: ImageDataset | None = None,
     teacher: Teacher | None = None,
     log: Callable[[str], None] | None = None,
+    deadline: float | None = None,
 ) -> list[tuple[RunConfig, ResultRow]]:
     """Trains ``configs`` (one stack) and returns ``(config, row)`` per config, in order.
 
     ``dataset``/``teacher`` (``(model, metadata)``) may be given to skip loading
-    them; ``log`` receives one line per epoch.
+    them; ``log`` receives one line per epoch. ``deadline`` (a ``time.monotonic()``
+    value): no epoch starts that would end after it (judged by the epochs so far);
+    a stack of the plateau protocol cut after E epochs returns the rows of its configs
+    capped at E epochs (``max_epochs=E``: their own run ids, ``epoch_cap`` E, the same
+    numbers as such a capped run), any other stack raises :class:`OutOfTime`.
     """
     stack = build_stack(configs, dataset, teacher)
     runners: dict[str, TrialByTrial] = {}
     while active := stack.active:
+        if deadline is not None and not _next_epoch_fits(stack, deadline):
+            _cut(stack)
+            break
         runner = runner_for(stack, active, runners)
         losses = run_epoch(stack, runner, active)
         vals = evaluate_epoch(stack, runner, active, losses)
@@ -70,6 +83,25 @@ def train(
         if log is not None:
             log(epoch_line(stack, active, vals))
     return rows(stack, runner_for(stack, stack.trials, runners))
+
+
+def _next_epoch_fits(stack: Stack, deadline: float) -> bool:
+    """Whether one more epoch (and the test evaluation) ends before ``deadline``."""
+    if stack.epoch == 0:
+        return time.monotonic() < deadline
+    epoch_s = (time.perf_counter() - stack.started) / stack.epoch
+    return time.monotonic() + 2 * epoch_s <= deadline
+
+
+def _cut(stack: Stack) -> None:
+    """Ends the stack after its epochs so far: every config capped there."""
+    if stack.epoch == 0 or stack.preset.schedule != "plateau":
+        raise OutOfTime(
+            f"deadline reached after {stack.epoch} epochs of a {stack.preset.name} stack"
+        )
+    stack.configs = [replace(c, max_epochs=stack.epoch) for c in stack.configs]
+    for t in stack.active:
+        t.schedule.max_epochs, t.schedule.done = stack.epoch, True
 
 
 def _draw(stack: Stack, trial: Trial, order: torch.Tensor) -> Draw:

@@ -345,3 +345,23 @@ def test_an_epoch_copies_between_host_and_device_per_epoch_not_per_step(digits, 
     steps_long, long = _epoch_host_calls(digits, teacher, method, budget=120)
     assert steps_long >= 2 * steps_short
     assert long == short
+
+
+# --------------------------------------------------------------------------- deadline
+def test_a_plateau_stack_cut_by_the_deadline_keeps_rows_of_the_capped_runs(
+    digits, teacher, monkeypatch
+):
+    """Cut after 2 epochs: the rows are those of the same configs capped at 2 epochs."""
+    runs = [cfg(preset="paper", max_epochs=None, patience=1, seed=s) for s in (0, 1)]
+    capped = engine.train([replace(r, max_epochs=2) for r in runs], dataset=digits, teacher=teacher)
+    monkeypatch.setattr(engine, "_next_epoch_fits", lambda stack, deadline: stack.epoch < 2)
+    cut = engine.train(runs, dataset=digits, teacher=teacher, deadline=0.0)
+    assert [c for c, _ in cut] == [c for c, _ in capped]
+    assert all(c.max_epochs == 2 and row.epoch_cap == 2 for c, row in cut)
+    assert [run_fields(r) for _, r in cut] == [run_fields(r) for _, r in capped]
+
+
+def test_a_cosine_stack_out_of_time_raises(digits, teacher, monkeypatch):
+    monkeypatch.setattr(engine, "_next_epoch_fits", lambda stack, deadline: stack.epoch < 1)
+    with pytest.raises(engine.OutOfTime, match="fast"):
+        engine.train([cfg(max_epochs=3)], dataset=digits, teacher=teacher, deadline=0.0)
