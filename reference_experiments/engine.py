@@ -133,18 +133,30 @@ def run_epoch(stack: Stack, runner: TrialByTrial, active: list[Trial]) -> torch.
     stack.epoch += 1
     orders = [t.learner.method.epoch_order(t.generator) for t in active]
     lrs = epoch_lrs(stack, active)
-    loss_sum = torch.zeros(len(active), device=device)
     runner.begin_epoch(stack, active)
-    for s in range(stack.steps_per_epoch):
-        draws = [_draw(stack, t, orders[a][s]) for a, t in enumerate(active)]
-        loss_sum += runner.step(stack, active, draws, lrs[s])
-        stack.step_no += 1
+    loss_sum = step_loop(stack, runner, active, orders, lrs)
     runner.end_epoch(stack, active)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stack.train_time += time.perf_counter() - t0
-    stack.images += stack.steps_per_epoch * draws[0].batch["idx"].shape[0] * len(active)
     return loss_sum / stack.steps_per_epoch
+
+
+def step_loop(
+    stack: Stack,
+    runner: TrialByTrial,
+    active: list[Trial],
+    orders: Sequence[torch.Tensor],
+    lrs: torch.Tensor,
+) -> torch.Tensor:
+    """The epoch's steps (nothing in it waits for the device); the summed losses ``(R,)``."""
+    loss_sum = torch.zeros(len(active), device=stack.device)
+    for s in range(stack.steps_per_epoch):
+        draws = [_draw(stack, t, orders[a][s]) for a, t in enumerate(active)]
+        loss_sum += runner.step(stack, active, draws, lrs[s])
+        stack.step_no += 1
+    stack.images += stack.steps_per_epoch * draws[0].batch["idx"].shape[0] * len(active)
+    return loss_sum
 
 
 def evaluate_epoch(
