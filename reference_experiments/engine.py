@@ -265,6 +265,7 @@ def _row(stack: Stack, i: int, test: list, y_test: torch.Tensor) -> ResultRow:
         ran_on=str(stack.device),
         ran_precision=compute_precision(stack.device, cfg.precision),
         teacher_test_acc=stack.teacher_meta.get("test_accuracy"),
+        teacher_recipe=stack.teacher_meta.get("recipe"),
         flat_dims=dims,
         spectrum=spec,
     )

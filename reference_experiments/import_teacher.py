@@ -6,8 +6,10 @@ same files. ``import_teacher`` reads one with ``torch.load(weights_only=True)`` 
 only class allowed besides tensors is ``argparse.Namespace``; nothing else is
 unpickled), renames its keys onto ``models.create_model(arch)``, requires every tensor
 to be used and every shape to match, and writes the usual safetensors teacher plus JSON
-(``teacher.save_teacher``), recording the source file, its sha256 and
-``recipe: "repdistiller"``.
+(``teacher_files.save_teacher``), recording the source file, its sha256 and the
+``repdistiller`` recipe's fields (``recipe: "repdistiller"``, 240 epochs, its lr steps,
+batch 64, fp32; :data:`teacher_spec.RECIPES`), as ``train-teacher --recipe repdistiller``
+records them.
 
 Key names coincide with RepDistiller's ``models/`` for the ResNets and VGGs; the WRNs
 differ only in ``blockN.layer.I`` (ours ``blockN.I``) and ``convShortcut`` (ours
@@ -31,8 +33,10 @@ from torch import nn
 from .cli_options import IMPORT_DATASETS
 from .data import ImageDataset
 from .datasets import dataset_spec
+from .evaluation import evaluate
 from .models import MODEL_NAMES, create_model
-from .teacher import FORMAT_VERSION, evaluate, save_teacher
+from .teacher_files import FORMAT_VERSION, save_teacher
+from .teacher_spec import TeacherSpec
 
 __all__ = ["import_teacher", "read_checkpoint", "repdistiller_key"]
 
@@ -128,14 +132,14 @@ def import_teacher(
         if loaded.name != dataset:
             raise ValueError(f"data set {loaded.name!r} given to measure a {dataset!r} teacher")
         accuracy = evaluate(model.to(device), loaded, device)
+    recipe = TeacherSpec(arch, dataset, recipe="repdistiller")
     meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
-        "arch": arch,
-        "dataset": dataset,
+        **recipe.metadata(recipe.batch_size),
+        "seed": None,  # RepDistiller's files do not say
         "num_classes": num_classes,
         "in_channels": 3,
         "split_seed": None,
-        "recipe": "repdistiller",
         "source_file": source.name,
         "source_sha256": digest,
         "test_accuracy": accuracy,

@@ -138,8 +138,9 @@ class ResultRow:
     in fp32; None in rows written before it was recorded). ``flat_dims``:
     directions holding 90% of the within-class variance of the student's
     penultimate features on test images (Fig. 5); ``spectrum``: the normalised
-    singular values behind it. ``environment``: :func:`run_environment` of the process
-    that built the row (empty for rows written before it was recorded).
+    singular values behind it. ``teacher_recipe``: the teacher's training recipe (its
+    metadata's ``recipe``; None without one). ``environment``: :func:`run_environment`
+    of the process that built the row (empty for rows written before it was recorded).
     """
 
     run_id: str
@@ -166,6 +167,7 @@ class ResultRow:
     ran_on: str
     ran_precision: str | None = None
     teacher_test_acc: float | None = None
+    teacher_recipe: str | None = None
     flat_dims: int | None = None
     spectrum: list[float] = field(default_factory=list)
     grid: str | None = None

@@ -70,6 +70,8 @@ def test_imported_teacher_matches_repdistiller_model(arch, tmp_path):
     path = import_teacher(arch, source, tmp_path / "out", dataset="cifar100")
     model, meta = load_teacher(path)
     assert meta["recipe"] == "repdistiller"
+    assert (meta["epochs"], meta["batch_size"], meta["precision"]) == (240, 64, "fp32")
+    assert meta["schedule"] == "step x0.1 at epochs 150/180/210" and meta["seed"] is None
     assert meta["source_file"] == "ckpt_epoch_240.pth"
     assert meta["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert meta["test_accuracy"] is None and meta["num_classes"] == 100

@@ -240,3 +240,72 @@ def test_teacher_options_import_without_torch():
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- recipes
+def test_repdistiller_recipe_fills_what_is_not_given():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_teacher_arguments(p)
+    ns = p.parse_args("--arch vgg13 --dataset cifar100 --recipe repdistiller --out o".split())
+    spec = TeacherSpec.from_arguments(ns)
+    assert (spec.epochs, spec.batch_size, spec.lr, spec.precision) == (240, 64, 0.05, "fp32")
+    assert (spec.warmup_epochs, spec.label_smoothing) == (0.0, 0.0)
+    assert (spec.momentum, spec.weight_decay) == (0.9, 5e-4)
+    ns = p.parse_args(
+        "--arch vgg13 --dataset cifar100 --recipe repdistiller --lr 0.1 --out o".split()
+    )
+    assert TeacherSpec.from_arguments(ns).lr == 0.1  # an explicit option wins
+    grid = TeacherSpec.from_grid({"arch": "vgg13", "recipe": "repdistiller"}, "cifar100")
+    assert grid == spec
+    meta = spec.metadata(64)
+    assert (meta["recipe"], meta["precision"]) == ("repdistiller", "fp32")
+    assert meta["schedule"] == "step x0.1 at epochs 150/180/210"
+    fast = TeacherSpec("vgg13", "cifar100", epochs=30)
+    assert (fast.recipe, fast.precision, fast.batch_size) == ("fast", "bf16", 128)
+    assert fast.metadata(128)["schedule"] == "cosine-per-step"
+    with pytest.raises(ValueError, match="epochs required"):
+        TeacherSpec("vgg13", "cifar100")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TeacherSpec("vgg13", "cifar100", recipe="mine")
+    with pytest.raises(ValueError, match="unknown precision"):
+        TeacherSpec("vgg13", "cifar100", epochs=1, precision="fp8").validate()
+
+
+def test_repdistiller_lr_steps_as_adjust_learning_rate():
+    """RepDistiller: lr 0.05 * 0.1 ** (number of milestones the 1-based epoch is past)."""
+    spec = TeacherSpec("vgg13", "cifar100", recipe="repdistiller")
+    steps = 781  # 50,000 // 64
+
+    def official(epoch: int) -> float:  # 1-based, as train_teacher.py counts
+        return 0.05 * 0.1 ** sum(epoch > m for m in (150, 180, 210))
+
+    for epoch in (1, 150, 151, 180, 181, 210, 211, 240):
+        for s in (0, steps - 1):
+            got = spec.lr * spec.lr_factor((epoch - 1) * steps + s, steps)
+            assert got == pytest.approx(official(epoch), rel=1e-12), (epoch, s)
+    short = TeacherSpec("vgg13", "cifar100", recipe="repdistiller", epochs=24)
+    assert short.lr_milestones == (15, 18, 21)
+
+
+def test_teacher_seconds_predicts_steps_times_step_time():
+    from reference_experiments.teacher_spec import teacher_seconds
+
+    spec = TeacherSpec("wrn_40_2", "cifar100", recipe="repdistiller")
+    assert teacher_seconds(spec, 50_000, 0.01) == pytest.approx(781 * 240 * 0.01)
+    assert teacher_seconds(spec, 50_000, 0.01, epochs_done=200) == pytest.approx(781 * 40 * 0.01)
+    tiny = TeacherSpec("digits_cnn", "digits", epochs=2, batch_size=500)
+    assert teacher_seconds(tiny, 100, 1.0) == 2.0  # the batch is at most the data
+
+
+def test_precision_names_are_the_devices():
+    from reference_experiments.devices import PRECISIONS
+    from reference_experiments.teacher_spec import PRECISION_NAMES
+
+    assert PRECISION_NAMES == tuple(PRECISIONS)
+
+
+def test_trained_teacher_records_recipe_and_precision(trained):
+    meta = json.loads(trained.with_suffix(".json").read_text())
+    assert (meta["recipe"], meta["precision"], meta["saved_dtype"]) == ("fast", "bf16", "float32")
