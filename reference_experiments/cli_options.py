@@ -196,7 +196,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, required: Sequence[str
 def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
     """``campaign``'s options (see ``reference_experiments.campaign``)."""
     parser.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
-    parser.add_argument("--out", required=True, help="rows, teachers and the log go here, at once")
+    parser.add_argument("--out", required=True, help="rows, teachers and failures go here")
+    parser.add_argument(
+        "--plan", default="paper", help="paper (the built-in order) or a TOML of [[steps]]"
+    )
     add_device(parser)
     add_data_dir(parser)
     add_precision(parser, "fp32")
@@ -205,17 +208,35 @@ def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--teachers-in",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="teachers an earlier window brought back (<key>/<files>; read, never written)",
+    )
+    parser.add_argument(
+        "--rows-in",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="rows of earlier windows not yet committed (their runs are skipped)",
+    )
+    parser.add_argument(
+        "--work",
         default=None,
         metavar="DIR",
-        help="teachers an earlier window brought back (read first, never written)",
+        help="teachers in training and their resume files (default: <out>.work)",
     )
     parser.add_argument(
         "--stop-on-failure",
         action="store_true",
-        help="end at the first failed stack (default: keep going, record it, run the next)",
+        help="end at the first failed stack (default: record it, run the next)",
     )
     parser.add_argument("--skip-preflight", action="store_true", help="no preflight checks")
-    parser.add_argument("--dry-run", action="store_true", help="validate the plan, train nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the preflight's CPU-checkable parts and the pending runs; train nothing",
+    )
 
 
 def add_train_teacher_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from .config import RunConfig
 from .data import ImageDataset
 from .stack import Teacher, build_stack
 from .stepping import runner_for
+from .teacher_spec import TeacherSpec
 
 __all__ = [
     "Check",
@@ -42,6 +43,7 @@ __all__ = [
     "check_data",
     "check_keras",
     "measure_stack",
+    "measure_teacher_step",
     "run_preflight",
     "timing_key",
 ]
@@ -104,11 +106,14 @@ def check_keras() -> Check:
     return Check("keras", "ok", f"keras {keras.__version__}, backend {keras.backend.backend()}")
 
 
-def check_cuda(device: str | None, dry_run: bool) -> Check:
+def check_cuda(device: str, dry_run: bool) -> Check:
+    """CUDA where ``device`` asks for it; ``auto`` without CUDA runs on the CPU."""
     if dry_run:
         return Check("cuda", "skipped", "dry run")
-    if device is not None and not device.startswith(("cuda", "auto")):
-        return Check("cuda", "skipped", f"--device {device}")
+    if not torch.cuda.is_available() and device == "auto":
+        return Check("cuda", "skipped", "device auto: no CUDA, the CPU runs")
+    if not device.startswith(("cuda", "auto")):
+        return Check("cuda", "skipped", f"device {device}")
     if not torch.cuda.is_available():
         return Check("cuda", "FAIL", "torch.cuda.is_available() is False")
     return Check("cuda", "ok", f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -248,7 +253,7 @@ def run_preflight(
     log: Log,
 ) -> Preflight:
     """Every check above, logged one line each; ``stacks``: one per planned method."""
-    first = [check_keras(), check_cuda(device, dry_run)]
+    first = [check_keras(), check_cuda(device or stacks[0][0].device, dry_run)]
     for c in first:
         log(c.line())
     if first[1].status == "FAIL":
@@ -265,3 +270,33 @@ def run_preflight(
         log(sync.line())
         result.checks.append(sync)
     return result
+
+
+def measure_teacher_step(spec: TeacherSpec, dataset: ImageDataset, device: str | None) -> float:
+    """Seconds per training step of ``spec``'s teacher (forward, backward, SGD at its
+    batch size and precision; two warm-up steps, then three timed)."""
+    from .augment import augment
+    from .models import create_model
+
+    dev = devices.resolve_device(device)
+    model = create_model(spec.arch, dataset.num_classes, dataset.in_channels).to(dev)
+    if devices.prefers_channels_last(dev, model):
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=spec.momentum)
+    bs = spec.batch_for(len(dataset.y_train))
+    x = torch.from_numpy(dataset.x_train[:bs]).to(dev)
+    y = torch.from_numpy(dataset.y_train[:bs]).to(dev).long()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for i in range(5):
+        if i == 2:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+        with devices.autocast(dev, spec.precision):
+            logits = model(augment(x, dataset, gen))
+        torch.nn.functional.cross_entropy(logits.float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) / 3
