@@ -31,12 +31,13 @@ last one stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -422,7 +423,7 @@ def _random_teacher(run: RunConfig, dataset: Any) -> Any:
     return model.eval(), {}
 
 
-def _first_stacks(step: Step, cfg: Mapping[str, Any], runs: list[RunConfig], size: int):
+def _first_stacks(step: Step, runs: list[RunConfig], size: int) -> list[list[RunConfig]]:
     """The first stack of every method in the step's first part (the preflight's)."""
     parts = step.parts(runs)
     chunks = grid.stacks(parts[0], size) if parts else []
@@ -453,7 +454,7 @@ def run_campaign(
 ) -> dict[str, int]:
     """Runs ``plan`` until ``minutes`` are spent (see the module docstring); returns the
     new rows per config. ``dry_run``: the preflight's CPU-checkable parts and each step's
-    pending runs, nothing trained."""
+    pending runs, nothing trained. The preflight's BatchNorm choice holds for the call."""
     window = Window(Path(out))
     window.out.mkdir(parents=True, exist_ok=True)
     work = Path(work) if work is not None else window.out.with_name(window.out.name + ".work")
@@ -467,33 +468,57 @@ def run_campaign(
         )
         configs[step.config] = grid.parse_config(raw)
     over: dict[str, Any] = {"device": device, "data_dir": data_dir, "precision": precision}
-    if preflight and plan:
-        first, cfg0 = plan[0], configs[plan[0].config]
-        stacks = _first_stacks(first, cfg0, _pending(first, cfg0, camp.done, over), stack)
-        if stacks:
-            from . import preflight as pf
-
-            ds = trainer.dataset(stacks[0][0])
-            checked = pf.run_preflight(
-                stacks, ds, lambda run: _random_teacher(run, ds), precision=precision,
-                device=device, data_dir=data_dir, dry_run=dry_run, log=log,
-            )  # fmt: skip
-            guard.timings.update(checked.timings)
-            over["precision"] = checked.precision
-            if any(c.name == "cuda" for c in checked.failed):
-                log("campaign: no CUDA: nothing trained")
+    with _batchnorm_choice_kept():
+        if preflight and plan:
+            checked = _preflight(camp, plan[0], configs[plan[0].config], over, stack, dry_run)
+            if checked is None:
                 return camp.counts
-    for step in plan:
-        cfg = configs[step.config]
-        pending = _pending(step, cfg, camp.done, over)
-        log(f"campaign: {step.config} {dict(step.only)}: {len(pending)} runs to run")
-        if dry_run or not pending:
-            continue
-        _run_step(camp, step, cfg, pending, stack, teachers_in, work)
-        if guard.left() <= 0:
-            break
+            over["precision"] = checked
+        for step in plan:
+            cfg = configs[step.config]
+            pending = _pending(step, cfg, camp.done, over)
+            log(f"campaign: {step.config} {dict(step.only)}: {len(pending)} runs to run")
+            if dry_run or not pending:
+                continue
+            _run_step(camp, step, cfg, pending, stack, teachers_in, work)
+            if guard.left() <= 0:
+                break
     log(f"campaign: new rows {camp.counts}; {guard.left():.0f} s left")
     return camp.counts
+
+
+@contextlib.contextmanager
+def _batchnorm_choice_kept() -> Iterator[None]:
+    """The preflight's BatchNorm choice (:data:`devices.BATCHNORM_FP32`) undone after."""
+    from . import devices
+
+    saved = devices.BATCHNORM_FP32
+    try:
+        yield
+    finally:
+        devices.BATCHNORM_FP32 = saved
+
+
+def _preflight(
+    camp: Campaign, step: Step, cfg: Mapping[str, Any], over: dict, size: int, dry_run: bool
+) -> str | None:
+    """The preflight on the first stack of each method of ``step``; its timings go to the
+    guard. Returns the precision to run at, None when CUDA is missing."""
+    from . import preflight as pf
+
+    stacks = _first_stacks(step, _pending(step, cfg, camp.done, over), size)
+    if not stacks:
+        return over["precision"]
+    ds = camp.trainer.dataset(stacks[0][0])
+    checked = pf.run_preflight(
+        stacks, ds, lambda run: _random_teacher(run, ds), precision=over["precision"],
+        device=over["device"], data_dir=over["data_dir"], dry_run=dry_run, log=camp.log,
+    )  # fmt: skip
+    camp.guard.timings.update(checked.timings)
+    if any(c.name == "cuda" for c in checked.failed):
+        camp.log("campaign: no CUDA: nothing trained")
+        return None
+    return checked.precision
 
 
 def _run_step(
@@ -518,7 +543,7 @@ def _run_step(
                 paths[run.teacher_key] = teachers.ensure(run, ds, camp.guard)
     for part in step.parts(pending):
         for chunk in grid.stacks(part, size):
-            if chunk[0].teacher_key in paths:
+            if methods.get(chunk[0].method).uses_teacher and chunk[0].teacher_key in paths:
                 path = paths[chunk[0].teacher_key]
                 if path is None:
                     continue  # its teacher is not there (logged once)
