@@ -503,9 +503,13 @@ def _preflight(
     camp: Campaign, step: Step, cfg: Mapping[str, Any], over: dict, size: int, dry_run: bool
 ) -> str | None:
     """The preflight on the first stack of each method of ``step``; its timings go to the
-    guard. Returns the precision to run at, None when CUDA is missing."""
+    guard. Returns the precision to run at, None when keras or CUDA is missing."""
     from . import preflight as pf
 
+    keras = pf.check_keras()
+    if keras.status == "FAIL":
+        camp.log(keras.line())
+        return None
     stacks = _first_stacks(step, _pending(step, cfg, camp.done, over), size)
     if not stacks:
         return over["precision"]
@@ -515,8 +519,8 @@ def _preflight(
         device=over["device"], data_dir=over["data_dir"], dry_run=dry_run, log=camp.log,
     )  # fmt: skip
     camp.guard.timings.update(checked.timings)
-    if any(c.name == "cuda" for c in checked.failed):
-        camp.log("campaign: no CUDA: nothing trained")
+    if any(c.name in ("keras", "cuda") for c in checked.failed):
+        camp.log("campaign: no keras or no CUDA: nothing trained")
         return None
     return checked.precision
 

@@ -14,7 +14,8 @@ campaign trains anything, :func:`run_preflight` checks that
   ``torch.cuda.set_sync_debug_mode("error")``).
 
 A failed check is a ``FAIL`` line and the campaign goes on where it can (a method that
-cannot step is left out); no CUDA on a real window ends it.
+cannot step is left out); no keras, or no CUDA on a real window, ends it. The module
+imports without keras (the engine's modules are imported where they are used).
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import devices, engine
+from . import devices
 from .config import RunConfig
-from .data import ImageDataset
-from .stack import Teacher, build_stack
-from .stepping import runner_for
-from .teacher_spec import TeacherSpec
+
+if TYPE_CHECKING:  # the engine imports keras: this module imports without it
+    from .data import ImageDataset
+    from .stack import Teacher
+    from .teacher_spec import TeacherSpec
 
 __all__ = [
     "Check",
@@ -161,6 +164,10 @@ def measure_stack(
 ) -> StackTiming:
     """One warm-up epoch, then one timed epoch of ``configs`` (as one stack) on a small
     subset: seconds per step and per validation image, and the set-up time."""
+    from . import engine
+    from .stack import build_stack
+    from .stepping import runner_for
+
     t0 = time.perf_counter()
     stack = build_stack([_small(c, len(dataset.x_train)) for c in configs], dataset, teacher)
     setup = time.perf_counter() - t0
@@ -182,6 +189,10 @@ def check_no_host_sync(
     configs: Sequence[RunConfig], dataset: ImageDataset, teacher: Teacher | None
 ) -> Check:
     """On CUDA: one epoch's step loop under ``set_sync_debug_mode("error")``."""
+    from . import engine
+    from .stack import build_stack
+    from .stepping import runner_for
+
     stack = build_stack([_small(c, len(dataset.x_train)) for c in configs], dataset, teacher)
     if stack.device.type != "cuda":
         return Check("no host sync per step", "skipped", f"device {stack.device}")
@@ -256,7 +267,7 @@ def run_preflight(
     first = [check_keras(), check_cuda(device or stacks[0][0].device, dry_run)]
     for c in first:
         log(c.line())
-    if first[1].status == "FAIL":
+    if any(c.status == "FAIL" for c in first):
         return Preflight(precision, first)
     data = check_data({c.dataset for s in stacks for c in s}, data_dir)
     for c in data:

@@ -40,5 +40,4 @@ done
 if [[ -n "${DRY_RUN:-}" ]]; then
     args+=(--dry-run)
 fi
-set -o pipefail
 python3 -m reference_experiments.campaign "${args[@]}" 2>&1 | tee -a "$OUT/log"

@@ -136,3 +136,25 @@ def test_student_paper_preset_row_records_fp32(tmp_path):
     (row,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert row["preset"] == "paper"
     assert row["precision"] == "fp32" and row["ran_precision"] == "fp32"
+
+
+def test_grid_key_precision_and_axis_precisions():
+    from reference_experiments import grid
+
+    raw = {
+        "name": "p",
+        "defaults": {"dataset": "digits", "preset": "fast", "precision": "bf16"},
+        "teachers": {"cnn": {"arch": "digits_cnn", "train_epochs": 1}},
+        "runs": [
+            {"pairs": [["cnn", "digits_mlp"]], "methods": ["kd"], "budgets": [60]},
+            {"pairs": [["cnn", "digits_mlp"]], "methods": ["ce"], "budgets": [60],
+             "precisions": ["fp32", "fp16"]},
+        ],
+    }  # fmt: skip
+    runs = grid.expand(grid.parse_config(raw))
+    assert [(r.method, r.precision) for r in runs] == [
+        ("kd", "bf16"),
+        ("ce", "fp32"),
+        ("ce", "fp16"),
+    ]
+    assert len(grid.stacks(runs, 8)) == 3  # precision is part of the stack key
