@@ -209,8 +209,9 @@ def _pending(step: Step, cfg: Mapping[str, Any], done: set[str], over: dict) -> 
 
 
 class Teachers:
-    """A step's teachers: found (``--teachers-in``, committed, this window), or trained
-    into ``work`` when the guard predicts they finish, then returned through the window."""
+    """A step's teachers: found (``--teachers-in``, committed, trained earlier into
+    ``work``), or trained into ``work`` when the guard predicts they finish, then
+    returned through the window."""
 
     def __init__(
         self,
@@ -537,7 +538,8 @@ def _run_step(
     """The step's teachers first, then its stacks part by part."""
     from . import methods
 
-    dirs = [*teachers_in, COMMITTED_TEACHERS, camp.window.out]
+    # never loaded from the window's own copies: loading rebuilds a missing JSON there
+    dirs = [*teachers_in, COMMITTED_TEACHERS]
     teachers = Teachers(cfg, dirs, work / "teachers", camp.window, camp.trainer.device, camp.log)
     paths: dict[str, Path | None] = {}
     for run in pending:

@@ -145,6 +145,17 @@ def test_keep_going_after_an_injected_failure(tmp_path, monkeypatch):
         _run(tmp_path / "stop", preflight=False, keep_going=False)
 
 
+def test_a_teacher_returned_in_one_step_serves_the_next_from_the_work_folder(tmp_path):
+    """Loading a one-file teacher rebuilds its JSON beside it: never in ``$OUT``."""
+    out = tmp_path / "out"
+    plan = (campaign.Step("tiny", {"budget": (60,)}), campaign.Step("tiny", {"budget": (90,)}))
+    counts, lines = _run(out, plan=plan, preflight=False)
+    assert counts == {"tiny": TOTAL}
+    assert sum("training teacher" in line for line in lines) == 1
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.suffix for p in files if len(p.parts) == 2) == [".safetensors"]
+
+
 def test_the_file_budget_holds_back_teachers_that_do_not_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(campaign, "MAX_FILES", 3)  # the log, rows and failures only
     out = tmp_path / "out"
