@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference_experiments import campaign, engine, grid
+from reference_experiments import campaign, campaign_window, engine, grid
 from reference_experiments.config import RunConfig
 from reference_experiments.preflight import StackTiming
 from reference_experiments.rows import read_rows
@@ -90,7 +90,7 @@ def test_nothing_starts_without_time(tmp_path):
 
 # --------------------------------------------------------------------------- a window
 def test_a_window_then_the_next_reuses_its_teacher(tmp_path, monkeypatch):
-    monkeypatch.setattr(campaign, "SHARD_BYTES", 160_000)  # the digits teacher in shards
+    monkeypatch.setattr(campaign_window, "SHARD_BYTES", 160_000)  # the digits teacher in shards
     out = tmp_path / "out"
     counts, lines = _run(out)
     assert counts == {"tiny": TOTAL}
@@ -99,11 +99,11 @@ def test_a_window_then_the_next_reuses_its_teacher(tmp_path, monkeypatch):
     assert sum(line.startswith("epoch ") for line in lines) >= 4  # a line per epoch
     # what comes back: at most 8 files, none deeper than one folder below $OUT
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
-    assert len(files) <= campaign.MAX_FILES
+    assert len(files) <= campaign_window.MAX_FILES
     assert all(len(p.parts) <= 2 for p in files)
     shards = [p for p in files if "-of-" in p.name]
     assert len(shards) >= 2 and any(p.suffix == ".json" for p in files)
-    assert all((out / p).stat().st_size < campaign.MAX_FILE_BYTES for p in files)
+    assert all((out / p).stat().st_size < campaign_window.MAX_FILE_BYTES for p in files)
     # carried in as the next window's teachers: loaded from there, not trained again
     carried = tmp_path / "carried"
     (carried / shards[0].parent).mkdir(parents=True)
@@ -113,7 +113,7 @@ def test_a_window_then_the_next_reuses_its_teacher(tmp_path, monkeypatch):
     from reference_experiments.teacher import load_teacher
 
     (model, meta), (ref, _) = (
-        load_teacher(campaign._one_file_teacher(d) or next(d.glob("*.json")))
+        load_teacher(campaign_window._one_file_teacher(d) or next(d.glob("*.json")))
         for d in (carried / shards[0].parent, out / shards[0].parent)
     )
     x = torch.randn(3, 1, 8, 8)
@@ -157,7 +157,7 @@ def test_a_teacher_returned_in_one_step_serves_the_next_from_the_work_folder(tmp
 
 
 def test_the_file_budget_holds_back_teachers_that_do_not_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr(campaign, "MAX_FILES", 3)  # the log, rows and failures only
+    monkeypatch.setattr(campaign_window, "MAX_FILES", 3)  # the log, rows and failures only
     out = tmp_path / "out"
     counts, lines = _run(out, preflight=False)
     assert counts == {"tiny": TOTAL}  # trained and used, just not returned
