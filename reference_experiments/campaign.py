@@ -50,7 +50,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]  # same API under another name
 
-__all__ = ["PLAN", "Guard", "Step", "load_plan", "main", "run_campaign"]
+__all__ = ["PLAN", "PLANS", "Guard", "Step", "load_plan", "main", "run_campaign"]
 
 PACKAGE = Path(__file__).resolve().parent
 COMMITTED_RESULTS = PACKAGE / "results"
@@ -111,11 +111,15 @@ PLAN: tuple[Step, ...] = (
 )
 
 
+#: the built-in plans: every step, or those of one carried data set (``carry --plan``)
+PLANS: dict[str, tuple[Step, ...]] = {"paper": PLAN, "cifar": PLAN[:3], "cars": PLAN[3:]}
+
+
 def load_plan(name: str) -> tuple[Step, ...]:
-    """``paper`` (:data:`PLAN`) or a TOML file of ``[[steps]]`` (``config``, ``only``,
-    ``by``)."""
-    if name == "paper":
-        return PLAN
+    """A built-in plan (:data:`PLANS`) or a TOML file of ``[[steps]]`` (``config``,
+    ``only``, ``by``)."""
+    if name in PLANS:
+        return PLANS[name]
     with open(name, "rb") as f:
         steps = tomllib.load(f).get("steps") or []
     if not steps:
@@ -358,7 +362,12 @@ def run_campaign(
             log(f"campaign: {step.config} {dict(step.only)}: {len(pending)} runs to run")
             if dry_run or not pending:
                 continue
-            _run_step(camp, step, cfg, pending, stack, teachers_in, work)
+            try:
+                _run_step(camp, step, cfg, pending, stack, teachers_in, work)
+            except Exception as e:  # its data or a teacher: the next step may still run
+                if not keep_going:
+                    raise
+                log(f"campaign: {step.config} {dict(step.only)} FAILED: {e!r}")
             if guard.left() <= 0:
                 break
     log(f"campaign: new rows {camp.counts}; {guard.left():.0f} s left")

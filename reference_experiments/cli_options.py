@@ -198,7 +198,10 @@ def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
     parser.add_argument("--out", required=True, help="rows, teachers and failures go here")
     parser.add_argument(
-        "--plan", default="paper", help="paper (the built-in order) or a TOML of [[steps]]"
+        "--plan",
+        default="paper",
+        help="paper (every step, in order), cifar (Tables 1 and 2), cars (Figs. 3 and 4) "
+        "or a TOML file of [[steps]] (config, only, by)",
     )
     add_device(parser)
     add_data_dir(parser)

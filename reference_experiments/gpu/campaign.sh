@@ -12,7 +12,8 @@
 # prints the `carry` list. What comes back under $OUT (at most 8 files): log, rows.jsonl,
 # failures.jsonl and the teachers trained in this window (<key>/<files>).
 #
-# Environment: OUT (default ./gpu_out), MINUTES (8), PLAN (paper, or a TOML of [[steps]]),
+# Environment: OUT (default ./gpu_out), MINUTES (8), PLAN (paper, cifar, cars, or a TOML of
+# [[steps]]),
 # PRECISION (fp32, as the official code), DEVICE (cuda; auto under DRY_RUN), DRY_RUN.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."

@@ -145,6 +145,18 @@ def test_keep_going_after_an_injected_failure(tmp_path, monkeypatch):
         _run(tmp_path / "stop", preflight=False, keep_going=False)
 
 
+def test_a_step_whose_data_is_missing_is_logged_and_the_next_runs(tmp_path):
+    missing = {**TINY, "name": "missing", "defaults": {**TINY["defaults"], "dataset": "cars64"}}
+    plan = (campaign.Step("missing"), campaign.Step("tiny"))
+    configs = {"missing": missing, "tiny": TINY}
+    counts, lines = _run(
+        tmp_path / "out", plan=plan, load=configs.__getitem__, data_dir=str(tmp_path / "none"),
+        preflight=False,
+    )  # fmt: skip
+    assert counts == {"tiny": TOTAL}
+    assert any(line.startswith("campaign: missing {} FAILED") for line in lines)
+
+
 def test_a_teacher_returned_in_one_step_serves_the_next_from_the_work_folder(tmp_path):
     """Loading a one-file teacher rebuilds its JSON beside it: never in ``$OUT``."""
     out = tmp_path / "out"
