@@ -13,8 +13,8 @@
 # failures.jsonl and the teachers trained in this window (<key>/<files>).
 #
 # Environment: OUT (default ./gpu_out), MINUTES (8), PLAN (paper, cifar, cars, or a TOML of
-# [[steps]]),
-# PRECISION (fp32, as the official code), DEVICE (cuda; auto under DRY_RUN), DRY_RUN.
+# [[steps]]), PRECISION (fp32, as the official code), DEVICE (cuda; auto under DRY_RUN),
+# DRY_RUN.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-gpu_out}"
