@@ -261,6 +261,11 @@ class Campaign:
             t0 = time.monotonic()
             outs = self.trainer(chunk, self.guard.deadline)
         except Exception as e:
+            from .engine import OutOfTime
+
+            if isinstance(e, OutOfTime):  # a fixed schedule cut: nothing to keep
+                self.log(f"campaign: {head}: {e}; nothing kept")
+                return
             self.log(f"campaign: {head} FAILED: {e!r}")
             for run in chunk:
                 self.window.append(self.window.failures, {
@@ -353,9 +358,9 @@ def run_campaign(
     with _batchnorm_choice_kept():
         if preflight and plan:
             checked = _preflight(camp, plan[0], configs[plan[0].config], over, stack, dry_run)
-            if checked is None:
+            if checked is None and not dry_run:
                 return camp.counts
-            over["precision"] = checked
+            over["precision"] = checked or precision
         for step in plan:
             cfg = configs[step.config]
             pending = _pending(step, cfg, camp.done, over)
@@ -400,7 +405,11 @@ def _preflight(
     stacks = _first_stacks(step, _pending(step, cfg, camp.done, over), size)
     if not stacks:
         return over["precision"]
-    ds = camp.trainer.dataset(stacks[0][0])
+    try:
+        ds = camp.trainer.dataset(stacks[0][0])
+    except (OSError, ValueError) as e:  # missing or corrupt data
+        camp.log(pf.Check("data", "FAIL", str(e)).line())
+        return None
     checked = pf.run_preflight(
         stacks, ds, lambda run: _random_teacher(run, ds), precision=over["precision"],
         device=over["device"], data_dir=over["data_dir"], dry_run=dry_run, log=camp.log,

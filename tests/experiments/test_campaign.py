@@ -145,6 +145,26 @@ def test_keep_going_after_an_injected_failure(tmp_path, monkeypatch):
         _run(tmp_path / "stop", preflight=False, keep_going=False)
 
 
+def test_the_deadline_keeps_capped_plateau_rows_and_nothing_of_a_fixed_schedule(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(engine, "_next_epoch_fits", lambda stack, deadline: stack.epoch < 1)
+    ce = {"methods": ["ce"], "budgets": [60], "seeds": [0, 1]}  # no teacher needed
+    fast = {**TINY, "defaults": {**TINY["defaults"], "max_epochs": 2}}
+    fast["runs"] = [{**TINY["runs"][0], **ce}]
+    counts, lines = _run(tmp_path / "fast", load=lambda name: fast, preflight=False)
+    assert counts == {} and not (tmp_path / "fast" / "failures.jsonl").exists()
+    assert any(line.endswith("nothing kept") for line in lines)
+    paper = {**fast, "defaults": {**fast["defaults"], "preset": "paper", "patience": 2}}
+    paper["defaults"].pop("max_epochs")
+    counts, _ = _run(tmp_path / "paper", load=lambda name: paper, preflight=False)
+    rows = read_rows(tmp_path / "paper" / "rows.jsonl")
+    assert counts == {"tiny": 2} and len(rows) == 2
+    assert all(r["max_epochs"] == 1 and r["epoch_cap"] == 1 and r["epochs"] == 1 for r in rows)
+    uncapped = {r.run_id() for r in grid.expand(grid.parse_config(paper))}
+    assert not uncapped & {r["run_id"] for r in rows}  # the full runs stay pending
+
+
 def test_a_step_whose_data_is_missing_is_logged_and_the_next_runs(tmp_path):
     missing = {**TINY, "name": "missing", "defaults": {**TINY["defaults"], "dataset": "cars64"}}
     plan = (campaign.Step("missing"), campaign.Step("tiny"))
