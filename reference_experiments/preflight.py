@@ -230,8 +230,9 @@ def check_methods(
     precision: str,
     log: Log,
 ) -> Preflight:
-    """One epoch of every stack at ``precision``, falling back as :func:`_attempts`
-    says until every method steps; the precision chosen and every stack's timing."""
+    """One epoch of every stack at ``precision`` (a line each), falling back as
+    :func:`_attempts` says until every method steps; the precision chosen and every
+    stack's timing."""
     for what, prec, bn_fp32 in _attempts(precision):
         devices.BATCHNORM_FP32 = bn_fp32
         result = Preflight(prec)
@@ -239,12 +240,12 @@ def check_methods(
             chunk = [replace(c, precision=prec) for c in chunk]
             key = timing_key(chunk[0], len(chunk) * len(chunk[0].lrs))
             try:
-                result.timings[key] = measure_stack(chunk, dataset, teachers(chunk[0]))
+                t = result.timings[key] = measure_stack(chunk, dataset, teachers(chunk[0]))
+                check = Check(f"epoch {key}", "ok", f"{1e3 * t.step_s:.1f} ms/step")
             except RuntimeError as e:
-                result.checks.append(Check(f"epoch {key}", "FAIL", str(e).splitlines()[0]))
-                continue
-            t = result.timings[key]
-            result.checks.append(Check(f"epoch {key}", "ok", f"{1e3 * t.step_s:.1f} ms/step"))
+                check = Check(f"epoch {key}", "FAIL", str(e).splitlines()[0])
+            result.checks.append(check)
+            log(check.line())
         if not result.failed or prec == "fp32":
             log(f"preflight: precision: {what}")
             return result
@@ -273,8 +274,6 @@ def run_preflight(
     for c in data:
         log(c.line())
     result = check_methods(stacks, dataset, teachers, precision, log)
-    for c in result.checks:
-        log(c.line())
     result.checks[:0] = first + data
     if stacks:
         sync = check_no_host_sync(stacks[0], dataset, teachers(stacks[0][0]))
