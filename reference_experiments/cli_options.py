@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
 from .config import PRESETS, TEACHER_VIEWS, RunConfig
-from .teacher_spec import SEED_MAX, add_teacher_arguments, int_in
+from .teacher_spec import PRECISION_NAMES, SEED_MAX, add_teacher_arguments, int_in
 
 __all__ = [
     "DATASET_NAMES",
@@ -84,8 +84,6 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "vid+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 1 VID on feature differences",
     "cc+ckd": "official InterCKD: CKD on 1 vs 1 pairs + 0.02 CC of embedded differences",
 }
-#: the compute precisions (``devices.PRECISIONS``' keys; fp32 as the official code)
-PRECISION_NAMES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 #: the data sets of RepDistiller's CIFAR teachers (``import-teacher --dataset``)
 IMPORT_DATASETS: tuple[str, ...] = ("cifar100", "cifar10", "cifar10-jpeg")
 #: the names each RunConfig field may take, known without importing the engine

@@ -60,6 +60,12 @@ def two_seeds(method: str, precision: str = "bf16") -> list[RunConfig]:
     return [base, RunConfig(**{**base.as_dict(), "weights": (), "seed": 1})]
 
 
+def test_the_command_line_knows_the_precisions_without_torch():
+    from reference_experiments.cli_options import RUN_CHOICES
+
+    assert RUN_CHOICES["precision"] == tuple(devices.PRECISIONS)
+
+
 def test_default_precision_is_fp32_and_stays_out_of_the_run_id():
     cfg = RunConfig()
     assert cfg.precision == "fp32"
