@@ -241,11 +241,15 @@ def _resume(
 def _check_deadline(
     deadline: float | None, epoch_seconds: list[float], run: _TeacherRun, epochs: int
 ) -> None:
-    """Raise :class:`TeacherNotFinished` if the next epoch, at the mean epoch time of this
-    call, would end after ``deadline`` (a ``time.monotonic()`` value)."""
+    """Raise :class:`TeacherNotFinished` if the next epoch would end after ``deadline``
+    (a ``time.monotonic()`` value) at the mean epoch time of this call (before its first
+    epoch: of the resumed epochs' training, if any)."""
     if deadline is None:
         return
-    mean = sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else 0.0
+    if epoch_seconds:
+        mean = sum(epoch_seconds) / len(epoch_seconds)
+    else:
+        mean = run.train_seconds / run.epoch if run.epoch else 0.0
     if time.monotonic() + mean > deadline:
         raise TeacherNotFinished(run.epoch, epochs)
 
@@ -331,6 +335,7 @@ def _metadata(run: _TeacherRun, spec: TeacherSpec, dataset: ImageDataset) -> dic
     meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
         **spec.metadata(run.batch_size),
+        "precision": spec.precision if dev.type == "cuda" else "fp32",  # the CPU: float32
         "dataset": dataset.name,
         "num_classes": int(dataset.num_classes),
         "in_channels": int(dataset.in_channels),

@@ -85,7 +85,8 @@ def _pack(tensors: dict[str, torch.Tensor], header: dict[str, str], max_bytes: i
         groups[-1][key] = value
         size += need
     blobs = [_encode(g, header) for g in groups]
-    assert all(len(b) < max_bytes for b in blobs), "shard header estimate too small"
+    if max(map(len, blobs)) >= max_bytes:
+        raise RuntimeError(f"a shard reached {max_bytes} bytes: the header reserve is too small")
     return blobs
 
 

@@ -145,7 +145,7 @@ class TeacherSpec:
     )
     precision: str = field(
         default=FROM_RECIPE,
-        metadata=_opt("forward-pass precision on CUDA", choices=PRECISION_NAMES),
+        metadata=_opt("autocast precision on CUDA (the CPU: fp32)", choices=PRECISION_NAMES),
     )
 
     def __post_init__(self) -> None:

@@ -108,6 +108,7 @@ def test_small_float32_teacher_stays_one_file(tmp_path):
     assert path == tmp_path / "m.safetensors"
     saved = json.loads((tmp_path / "m.json").read_text())
     assert "shards" not in saved and saved["saved_dtype"] == "float32"
+    assert teacher_files.find_teacher(tmp_path) == tmp_path / "m.json"
     loaded, _ = teacher_files.load_teacher(path)
     for (k, v), w in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
