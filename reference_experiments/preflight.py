@@ -193,9 +193,10 @@ def check_no_host_sync(
     from .stack import build_stack
     from .stepping import runner_for
 
+    device = devices.resolve_device(configs[0].device)
+    if device.type != "cuda":
+        return Check("no host sync per step", "skipped", f"device {device}")
     stack = build_stack([_small(c, len(dataset.x_train)) for c in configs], dataset, teacher)
-    if stack.device.type != "cuda":
-        return Check("no host sync per step", "skipped", f"device {stack.device}")
     active = stack.active
     runner = runner_for(stack, active, {})
     orders = [t.learner.method.epoch_order(t.generator) for t in active]
