@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
 from .config import PRESETS, TEACHER_VIEWS, RunConfig
-from .teacher_spec import SEED_MAX, add_teacher_arguments, int_in
+from .teacher_spec import PRECISION_NAMES, SEED_MAX, add_teacher_arguments, int_in
 
 __all__ = [
     "DATASET_NAMES",
@@ -27,8 +27,10 @@ __all__ = [
     "MODEL_NAMES",
     "Parser",
     "add_data_dir",
+    "add_campaign_arguments",
     "add_device",
     "add_launcher_arguments",
+    "add_precision",
     "add_preset",
     "add_run_arguments",
     "check_choice",
@@ -99,12 +101,18 @@ RUN_CHOICES: dict[str, Sequence[str]] = {
     "method": tuple(METHOD_DESCRIPTIONS),
     "preset": tuple(PRESETS),
     "teacher_view": TEACHER_VIEWS,
+    "precision": PRECISION_NAMES,
 }
 
 DEVICE_HELP = "auto (cuda if available), cpu, cuda or cuda:N"
 DATA_DIR_HELP = (
     "folder holding the datasets (default: $CKD_DATA_DIR, else ../shared/data beside "
     "the clone when it exists; `prepare-data` builds cifar10-jpeg there)"
+)
+PRECISION_HELP = (
+    "compute precision on CUDA: fp32 (default; the official code and the paper preset), "
+    "bf16 or fp16 (autocast, losses in fp32; BatchNorm in fp32); the CPU computes in "
+    "fp32. Part of the run id unless fp32; recorded in every row"
 )
 PRESET_HELP = "schedule: " + "; ".join(f"{k}: {p.description}" for k, p in PRESETS.items())
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -142,6 +150,12 @@ def add_preset(parser: argparse.ArgumentParser, default: str | None = None) -> N
     parser.add_argument("--preset", default=default, help=PRESET_HELP)
 
 
+def add_precision(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--precision", choices=PRECISION_NAMES, default=default, help=PRECISION_HELP
+    )
+
+
 #: checked types of RunConfig's number options; the shared options declared above
 _RUN_TYPES: dict[str, Any] = {
     "seed": seed_int,
@@ -151,7 +165,12 @@ _RUN_TYPES: dict[str, Any] = {
     "batch_size": int,
     "lr": float,
 }
-_SHARED = {"device": add_device, "data_dir": add_data_dir, "preset": add_preset}
+_SHARED = {
+    "device": add_device,
+    "data_dir": add_data_dir,
+    "preset": add_preset,
+    "precision": add_precision,
+}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, required: Sequence[str] = ()) -> None:
@@ -178,6 +197,55 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, required: Sequence[str
             metavar=f.name.upper(),
             help=help_text,
         )
+
+
+def add_campaign_arguments(parser: argparse.ArgumentParser) -> None:
+    """``campaign``'s options (see ``reference_experiments.campaign``)."""
+    parser.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
+    parser.add_argument("--out", required=True, help="rows, teachers and failures go here")
+    parser.add_argument(
+        "--plan",
+        default="paper",
+        help="paper (every step, in order), cifar (Tables 1 and 2), cars (Figs. 3 and 4) "
+        "or a TOML file of [[steps]] (config, only, by)",
+    )
+    add_device(parser)
+    add_data_dir(parser)
+    add_precision(parser, "fp32")
+    parser.add_argument(
+        "--stack", type=positive_int, default=32, metavar="N", help="runs per stacked step"
+    )
+    parser.add_argument(
+        "--teachers-in",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="teachers an earlier window brought back (<key>/<files>; read, never written)",
+    )
+    parser.add_argument(
+        "--rows-in",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="rows of earlier windows not yet committed (their runs are skipped)",
+    )
+    parser.add_argument(
+        "--work",
+        default=None,
+        metavar="DIR",
+        help="teachers in training and their resume files (default: <out>.work)",
+    )
+    parser.add_argument(
+        "--stop-on-failure",
+        action="store_true",
+        help="end at the first failed stack (default: record it, run the next)",
+    )
+    parser.add_argument("--skip-preflight", action="store_true", help="no preflight checks")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the preflight's CPU-checkable parts and the pending runs; train nothing",
+    )
 
 
 def add_train_teacher_arguments(parser: argparse.ArgumentParser) -> None:

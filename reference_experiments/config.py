@@ -92,13 +92,17 @@ def _opt(
     axis: str | None = None,
     choices: Any = None,
     cli: bool = True,
+    hashed_at_default: bool = True,
 ) -> dict[str, Any]:
     """Field metadata. ``identity``: part of the run id; ``stack``: must be equal
     for runs to share a step; ``axis``: plural TOML key of a grid axis;
-    ``choices``: allowed values, or a zero-argument callable returning them."""
+    ``choices``: allowed values, or a zero-argument callable returning them;
+    ``hashed_at_default``: False for a field added later, whose default value stays
+    out of the run id (the ids of earlier rows, which ran at that default, hold)."""
     return {
         "help": help,
         "identity": identity,
+        "hashed_at_default": hashed_at_default,
         "stack": identity and stack,
         "axis": axis,
         "choices": choices,
@@ -116,6 +120,12 @@ def _archs() -> Sequence[str]:
     from reference_experiments.models import MODEL_NAMES
 
     return MODEL_NAMES
+
+
+def _precisions() -> Sequence[str]:
+    from reference_experiments.devices import PRECISIONS
+
+    return tuple(PRECISIONS)
 
 
 def _methods() -> Sequence[str]:
@@ -162,6 +172,16 @@ class RunConfig:
     lr: float | None = field(
         default=None,
         metadata=_opt("learning rate (default: the preset's sweep)", axis="lrs", stack=False),
+    )
+    precision: str = field(
+        default="fp32",
+        metadata=_opt(
+            "compute precision on CUDA (autocast; fp32 as the official code; the CPU "
+            "always computes in fp32)",
+            axis="precisions",
+            choices=_precisions,
+            hashed_at_default=False,
+        ),
     )
     batch_size: int = field(
         default=64, metadata=_opt("images (or tuples) per step, as the official code")
@@ -210,7 +230,12 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         d = self.as_dict()
-        return {f.name: d[f.name] for f in fields(self) if f.metadata["identity"]}
+        return {
+            f.name: d[f.name]
+            for f in fields(self)
+            if f.metadata["identity"]
+            and (f.metadata["hashed_at_default"] or d[f.name] != f.default)
+        }
 
     def run_id(self) -> str:
         """Stable id: a hash of everything that determines the result."""

@@ -1,13 +1,18 @@
 """Device choice, memory layout, mixed precision and how a stack steps, in one place.
 
 On CUDA the student and teacher run channels-last, under autocast at the run's
-``precision`` (:data:`PRECISIONS`; losses in float32), and a stack of trials
-takes one ``vmap(grad(...))`` step; on the CPU everything runs in float32 and
-the trials step one after another. Both choices come from
-``benchmarks/student_loop.py`` (official-style loop vs the engine, one process;
-``benchmarks/results/student_loop-*.json``): on the CPU vmapped convolutions are
-slower than running the trials in turn (a stack of 4 reached 0.32x the official
+``precision`` (:data:`PRECISIONS`; losses in float32; ``"fp32"``, the default, as
+the official code), and a stack of trials takes one ``vmap(grad(...))`` step; on the
+CPU everything runs in float32 and the trials step one after another. Both choices
+come from ``benchmarks/student_loop.py`` (official-style loop vs the engine, one
+process; ``benchmarks/results/student_loop-*.json``): on the CPU vmapped convolutions
+are slower than running the trials in turn (a stack of 4 reached 0.32x the official
 loop vmapped), on CUDA the vmapped stack is the faster one.
+
+Under reduced precision BatchNorm takes float32 inputs (:func:`prepare_model`):
+``vmap`` of ``batch_norm`` with a bf16 input and float32 statistics fails ("expected
+scalar type BFloat16 but found Float"). The module constants are the rules; tests and
+the GPU preflight flip them (e.g. autocast on the CPU, to reach the stacked bf16 path).
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import contextlib
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "autocast", "prefers_channels_last", "resolve_device", "vmaps_stacks"]
+__all__ = [
+    "PRECISIONS",
+    "autocast",
+    "compute_precision",
+    "prefers_channels_last",
+    "prepare_model",
+    "resolve_device",
+    "vmaps_stacks",
+]
 
 #: compute precision of a run's forward passes on CUDA -> autocast dtype (None: float32,
 #: as the official code trains). The CPU always computes in float32.
@@ -27,6 +40,10 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 
+#: device types where a reduced ``precision`` autocasts (the CPU computes in float32)
+AUTOCAST_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+#: BatchNorm layers compute in float32 under reduced precision (see the module docstring)
+BATCHNORM_FP32 = True
 #: device types whose stacks of trials step under ``vmap`` (measured faster there)
 VMAP_DEVICE_TYPES = ("cuda",)
 #: device types where convolutional models run channels-last (measured faster there)
@@ -44,15 +61,41 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
-    """Autocast to ``precision`` (a key of :data:`PRECISIONS`) on CUDA; nothing for
-    ``"fp32"`` or elsewhere."""
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if device.type == "cuda" and dtype is not None:
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    return PRECISIONS[precision] if device.type in AUTOCAST_DEVICE_TYPES else None
+
+
+def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
+    """Autocast to ``precision`` (a key of :data:`PRECISIONS`) on the
+    :data:`AUTOCAST_DEVICE_TYPES`; nothing for ``"fp32"`` or elsewhere."""
+    dtype = _autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def compute_precision(device: torch.device, precision: str) -> str:
+    """What a run at ``precision`` computes in on ``device``: ``"fp32"`` where nothing
+    autocasts, else the precision and, where it applies, ``"(BatchNorm fp32)"``."""
+    if _autocast_dtype(device, precision) is None:
+        return "fp32"
+    return f"{precision} (BatchNorm fp32)" if BATCHNORM_FP32 else precision
+
+
+def _float32_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].float(), *args[1:])
+
+
+def prepare_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """``model`` with float32 BatchNorm inputs where ``precision`` autocasts on ``device``
+    and :data:`BATCHNORM_FP32` holds (a forward pre-hook; ``functional_call`` keeps it)."""
+    if _autocast_dtype(device, precision) is not None and BATCHNORM_FP32:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.register_forward_pre_hook(_float32_input)
+    return model
 
 
 def vmaps_stacks(device: torch.device) -> bool:

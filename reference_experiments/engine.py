@@ -32,19 +32,25 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
 from .augment import draw_crops
 from .config import RunConfig
 from .data import ImageDataset
+from .devices import compute_precision
 from .protocol import Event, best_on_validation
 from .rows import ResultRow
 from .spectrum import flat_dims, within_class_spectrum
 from .stack import Learner, Stack, Teacher, Trial, build_stack, to_device
 from .stepping import Draw, TrialByTrial, runner_for
 
-__all__ = ["Learner", "train"]
+__all__ = ["Learner", "OutOfTime", "train"]
+
+
+class OutOfTime(RuntimeError):
+    """The deadline came before a stack could keep anything (see :func:`train`)."""
 
 
 def train(
@@ -53,15 +59,23 @@ def train(
     dataset: ImageDataset | None = None,
     teacher: Teacher | None = None,
     log: Callable[[str], None] | None = None,
+    deadline: float | None = None,
 ) -> list[tuple[RunConfig, ResultRow]]:
     """Trains ``configs`` (one stack) and returns ``(config, row)`` per config, in order.
 
     ``dataset``/``teacher`` (``(model, metadata)``) may be given to skip loading
-    them; ``log`` receives one line per epoch.
+    them; ``log`` receives one line per epoch. ``deadline`` (a ``time.monotonic()``
+    value): no epoch starts that would end after it (judged by the epochs so far);
+    a stack of the plateau protocol cut after E epochs returns the rows of its configs
+    capped at E epochs (``max_epochs=E``: their own run ids, ``epoch_cap`` E, the same
+    numbers as such a capped run), any other stack raises :class:`OutOfTime`.
     """
     stack = build_stack(configs, dataset, teacher)
     runners: dict[str, TrialByTrial] = {}
     while active := stack.active:
+        if deadline is not None and not _next_epoch_fits(stack, deadline):
+            _cut(stack)
+            break
         runner = runner_for(stack, active, runners)
         losses = run_epoch(stack, runner, active)
         vals = evaluate_epoch(stack, runner, active, losses)
@@ -69,6 +83,25 @@ def train(
         if log is not None:
             log(epoch_line(stack, active, vals))
     return rows(stack, runner_for(stack, stack.trials, runners))
+
+
+def _next_epoch_fits(stack: Stack, deadline: float) -> bool:
+    """Whether one more epoch (and the test evaluation) ends before ``deadline``."""
+    if stack.epoch == 0:
+        return time.monotonic() < deadline
+    epoch_s = (time.perf_counter() - stack.started) / stack.epoch
+    return time.monotonic() + 2 * epoch_s <= deadline
+
+
+def _cut(stack: Stack) -> None:
+    """Ends the stack after its epochs so far: every config capped there."""
+    if stack.epoch == 0 or stack.preset.schedule != "plateau":
+        raise OutOfTime(
+            f"deadline reached after {stack.epoch} epochs of a {stack.preset.name} stack"
+        )
+    stack.configs = [replace(c, max_epochs=stack.epoch) for c in stack.configs]
+    for t in stack.active:
+        t.schedule.max_epochs, t.schedule.done = stack.epoch, True
 
 
 def _draw(stack: Stack, trial: Trial, order: torch.Tensor) -> Draw:
@@ -80,6 +113,17 @@ def _draw(stack: Stack, trial: Trial, order: torch.Tensor) -> Draw:
     return Draw(batch, crops)
 
 
+def epoch_lrs(stack: Stack, active: list[Trial]) -> torch.Tensor:
+    """``(steps, R)``: every step's lr of the epoch ahead per active trial, in one copy
+    to the device (the schedule changes phase only between epochs)."""
+    factors = [
+        [t.schedule.lr_factor(stack.step_no + s) for t in active]
+        for s in range(stack.steps_per_epoch)
+    ]
+    lr_base = torch.tensor([t.lr for t in active], device=stack.device)
+    return lr_base * torch.tensor(factors, device=stack.device).view(-1, len(active))
+
+
 def run_epoch(stack: Stack, runner: TrialByTrial, active: list[Trial]) -> torch.Tensor:
     """One epoch of steps for every active trial; their mean losses ``(R,)``."""
     device = stack.device
@@ -88,21 +132,31 @@ def run_epoch(stack: Stack, runner: TrialByTrial, active: list[Trial]) -> torch.
     t0 = time.perf_counter()
     stack.epoch += 1
     orders = [t.learner.method.epoch_order(t.generator) for t in active]
-    lr_base = torch.tensor([t.lr for t in active], device=device)
-    loss_sum = torch.zeros(len(active), device=device)
+    lrs = epoch_lrs(stack, active)
     runner.begin_epoch(stack, active)
-    for s in range(stack.steps_per_epoch):
-        draws = [_draw(stack, t, orders[a][s]) for a, t in enumerate(active)]
-        factors = [t.schedule.lr_factor(stack.step_no) for t in active]
-        lrs = lr_base * torch.tensor(factors, device=device)
-        loss_sum += runner.step(stack, active, draws, lrs)
-        stack.step_no += 1
+    loss_sum = step_loop(stack, runner, active, orders, lrs)
     runner.end_epoch(stack, active)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stack.train_time += time.perf_counter() - t0
-    stack.images += stack.steps_per_epoch * draws[0].batch["idx"].shape[0] * len(active)
     return loss_sum / stack.steps_per_epoch
+
+
+def step_loop(
+    stack: Stack,
+    runner: TrialByTrial,
+    active: list[Trial],
+    orders: Sequence[torch.Tensor],
+    lrs: torch.Tensor,
+) -> torch.Tensor:
+    """The epoch's steps (nothing in it waits for the device); the summed losses ``(R,)``."""
+    loss_sum = torch.zeros(len(active), device=stack.device)
+    for s in range(stack.steps_per_epoch):
+        draws = [_draw(stack, t, orders[a][s]) for a, t in enumerate(active)]
+        loss_sum += runner.step(stack, active, draws, lrs[s])
+        stack.step_no += 1
+    stack.images += stack.steps_per_epoch * draws[0].batch["idx"].shape[0] * len(active)
+    return loss_sum
 
 
 def evaluate_epoch(
@@ -209,6 +263,7 @@ def _row(stack: Stack, i: int, test: list, y_test: torch.Tensor) -> ResultRow:
         stacked_runs=n_trials,
         wall_s=round(time.perf_counter() - stack.started, 3),
         ran_on=str(stack.device),
+        ran_precision=compute_precision(stack.device, cfg.precision),
         teacher_test_acc=stack.teacher_meta.get("test_accuracy"),
         teacher_recipe=stack.teacher_meta.get("recipe"),
         flat_dims=dims,

@@ -133,7 +133,9 @@ class ResultRow:
     Accuracies are fractions in [0, 1]; ``test_acc`` is the best-validation
     checkpoint's, of the lr chosen on validation (``lr_used``; each tried lr's best
     validation accuracy in ``best_val_by_lr``, NaN where it diverged); ``ran_on``: the device
-    used (the config's ``device`` may say ``auto``). ``flat_dims``:
+    used (the config's ``device`` may say ``auto``); ``ran_precision``: what it computed in
+    (:func:`devices.compute_precision`: the config's ``precision`` asks, the CPU computes
+    in fp32; None in rows written before it was recorded). ``flat_dims``:
     directions holding 90% of the within-class variance of the student's
     penultimate features on test images (Fig. 5); ``spectrum``: the normalised
     singular values behind it. ``teacher_recipe``: the teacher's training recipe (its
@@ -163,6 +165,7 @@ class ResultRow:
     stacked_runs: int
     wall_s: float
     ran_on: str
+    ran_precision: str | None = None
     teacher_test_acc: float | None = None
     teacher_recipe: str | None = None
     flat_dims: int | None = None

@@ -24,7 +24,7 @@ from torch import nn
 from . import methods
 from .config import Preset, RunConfig
 from .data import ImageDataset, load_dataset
-from .devices import autocast, prefers_channels_last, resolve_device
+from .devices import autocast, prefers_channels_last, prepare_model, resolve_device
 from .models import create_model, feature_shapes
 from .protocol import Schedule
 from .teacher_cache import query_teacher, split_subset
@@ -48,16 +48,24 @@ Tensors = dict[str, torch.Tensor]
 class Learner(nn.Module):
     """Student + method as one module: ``forward`` is a step's loss, ``predict`` the
     student's ``(logits, penultimate features)`` in float32 (``functional_call``
-    over stacked parameters runs either)."""
+    over stacked parameters runs either); the student computes at ``precision``
+    (:func:`devices.autocast`)."""
 
-    def __init__(self, student: nn.Module, method: methods.Method, device: torch.device) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        method: methods.Method,
+        device: torch.device,
+        precision: str = "fp32",
+    ) -> None:
         super().__init__()
-        self.student = student
+        self.student = prepare_model(student, device, precision)
         self.method = method
         self.device_type = device
+        self.precision = precision
 
     def _student(self, x: torch.Tensor, with_features: bool):
-        with autocast(self.device_type):
+        with autocast(self.device_type, self.precision):
             if with_features:
                 return self.student(x, return_features=True)
             return self.student(x), None
@@ -70,7 +78,7 @@ class Learner(nn.Module):
         return loss
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device_type):
+        with autocast(self.device_type, self.precision):
             logits, feats = self.student(x, return_features=True)
         return logits.float(), feats[-1].float().flatten(1)
 
@@ -207,7 +215,7 @@ def _new_trials(
             torch.manual_seed(cfg.seed)  # the lrs of one seed share their init
             student = create_model(cfg.student_arch, ds.num_classes, ds.in_channels)
             method = methods.build(cfg.method, ctx)
-        learner = Learner(student, method, device).to(device)
+        learner = Learner(student, method, device, cfg.precision).to(device)
         if prefers_channels_last(device, student):
             learner.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
         trial = Trial(

@@ -99,6 +99,7 @@ class Vmapped(TrialByTrial):
                 create_model(cfg.student_arch, ds.num_classes, ds.in_channels),
                 methods.build(cfg.method, stack.trials[0].learner.method.ctx),
                 stack.device,
+                cfg.precision,
             )
         self.template.train()
         self.gradient = vmap(grad(self._loss, has_aux=True))

@@ -2,27 +2,43 @@
 # One GPU window of the campaign (reference_experiments/campaign.py), as one command:
 #
 #   bash reference_experiments/gpu/campaign.sh            # on the lent GPU machine
-#   DRY_RUN=1 bash reference_experiments/gpu/campaign.sh  # validate the plan, train nothing
+#   DRY_RUN=1 bash reference_experiments/gpu/campaign.sh  # the preflight's CPU parts, no training
 #
-# The machine has torch (CUDA), safetensors, tqdm, matplotlib, scikit-learn but no keras:
-# the keras, namex and optree wheels for its Python travel in .gpu_wheels/ (download here
-# with `pip download --only-binary=:all: --python-version 3.12 --no-deps -d .gpu_wheels
-# keras namex optree`), the data in .gpu_data/ (a copy of ../shared/data/cifar10-jpeg, and
-# stanford-cars-train64 when Fig. 3 is due); both folders are listed in .git/info/exclude
-# and named in the run's `carry`. Results, teachers and the log go to $OUT (default
-# ./gpu_out): commit them under reference_experiments/results/ and teachers/.
+# The machine has python3 with torch (CUDA), safetensors, tqdm, matplotlib, scikit-learn
+# but no keras: the keras, namex and optree wheels for Python 3.12 travel in .gpu_wheels/
+# and are installed with --no-index --target into a temporary folder on PYTHONPATH (never
+# into the image's environment). `python3 -m reference_experiments.carry --plan cifar`
+# fills the carried folders (.gpu_wheels/, .gpu_data/, .gpu_teachers/, .gpu_rows/) and
+# prints the `carry` list. What comes back under $OUT (at most 8 files): log, rows.jsonl,
+# failures.jsonl and the teachers trained in this window (<key>/<files>).
+#
+# Environment: OUT (default ./gpu_out), MINUTES (8), PLAN (paper, cifar, cars, or a TOML of
+# [[steps]]), PRECISION (fp32, as the official code), DEVICE (cuda; auto under DRY_RUN),
+# DRY_RUN.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-gpu_out}"
-MINUTES="${MINUTES:-8}"
+if [[ -n "${DRY_RUN:-}" ]]; then DEVICE="${DEVICE:-auto}"; else DEVICE="${DEVICE:-cuda}"; fi
 mkdir -p "$OUT"
-if [[ -d .gpu_wheels ]]; then
-    python -m pip install -q --no-index --find-links .gpu_wheels keras namex optree
+TMP_SITE="$(mktemp -d)/site"
+if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$TMP_SITE" .gpu_wheels/*.whl
 fi
-export PYTHONPATH="$PWD/src:$PWD/adapters:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD/adapters:$PWD:$TMP_SITE${PYTHONPATH:+:$PYTHONPATH}"
 export KERAS_BACKEND=torch PYTHONUNBUFFERED=1
-args=(campaign --minutes "$MINUTES" --out "$OUT/campaign" --data-dir .gpu_data)
+args=(--minutes "${MINUTES:-8}" --out "$OUT" --plan "${PLAN:-paper}"
+      --precision "${PRECISION:-fp32}" --device "$DEVICE" --work .gpu_work)
+if [[ -d .gpu_data ]]; then
+    args+=(--data-dir .gpu_data)
+fi
+if [[ -d .gpu_teachers ]]; then
+    args+=(--teachers-in .gpu_teachers)
+fi
+for rows in .gpu_rows/*.jsonl; do
+    [[ -e "$rows" ]] && args+=(--rows-in "$rows")
+done
 if [[ -n "${DRY_RUN:-}" ]]; then
     args+=(--dry-run)
 fi
-python -m reference_experiments "${args[@]}" 2>&1 | tee "$OUT/log"
+python3 -m reference_experiments.campaign "${args[@]}" 2>&1 | tee -a "$OUT/log"

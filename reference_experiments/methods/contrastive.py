@@ -27,7 +27,7 @@ from torch import nn
 
 from .logits import WithKD
 from .registry import Batch, Method, MethodContext, register
-from .sampling import other_class_negatives
+from .sampling import OtherClassNegatives
 
 __all__ = ["CRD", "CRDLoss", "CRDMixin"]
 
@@ -110,11 +110,20 @@ class CRDMixin(Method):
         super().__init__(ctx)
         c = ctx.num_classes
         self.crd = CRDLoss(c, c, ctx.n_train)
+        self._negatives: OtherClassNegatives | None = None
+
+    def negatives(self, device: torch.device) -> OtherClassNegatives:
+        """The run's negative sampler (built on first use, once per ``nce_k``)."""
+        got = self._negatives
+        if got is None or got.k != self.nce_k or got.labels.device != device:
+            got = OtherClassNegatives(self.ctx.labels.to(device), self.nce_k)
+            self._negatives = got
+        return got
 
     def sample(self, gen: torch.Generator, draw: torch.Tensor) -> Batch:
         batch = super().sample(gen, draw)
         idx = batch["idx"].to(gen.device)
-        neg = other_class_negatives(gen, self.ctx.labels, idx, self.nce_k)
+        neg = self.negatives(gen.device)(gen, idx)
         return {**batch, "contrast": torch.cat([idx[:, None], neg], dim=1)}
 
     def loss(

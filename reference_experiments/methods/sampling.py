@@ -9,7 +9,8 @@
 * :func:`class_balanced` -- the official ``RKDSampler``: classes in random
   order, ``per_class`` random images of each, until the batch is full.
 * :func:`other_class_negatives` -- the official ``CRDSample``: negatives drawn
-  from the other classes only, with replacement when there are fewer than ``k``.
+  from the other classes only, with replacement when there are fewer than ``k``
+  (:class:`OtherClassNegatives`: the same, set up once per run).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["PoolCursor", "class_balanced", "other_class_negatives", "tuple_pool"]
+__all__ = [
+    "OtherClassNegatives",
+    "PoolCursor",
+    "class_balanced",
+    "other_class_negatives",
+    "tuple_pool",
+]
 
 #: the official ``--max_rel_samples`` default
 POOL_SIZE = 100_000
@@ -115,34 +122,55 @@ def class_balanced(
     return order.gather(1, pick)
 
 
+class OtherClassNegatives:
+    """:func:`other_class_negatives` for one run's ``labels`` and ``k``: what depends on
+    them alone (class counts, images grouped by class, whether draws replace) is
+    computed once, so a step's draw never waits on the device. Only where some classes
+    have fewer than ``k`` other-class images and some have not (a subset larger than
+    ``k``) does each draw read its anchors' classes back to choose the rule.
+    """
+
+    def __init__(self, labels: torch.Tensor, k: int) -> None:
+        self.labels, self.k = labels, int(k)
+        self.counts = torch.bincount(labels)
+        present = self.counts > 0
+        self.others = labels.numel() - self.counts  # other-class images, per class
+        if bool(((self.others < 1) & present).any()):
+            raise ValueError("CRD needs images of at least two classes")
+        self.short = self.others < self.k
+        short_present = self.short[present]
+        self.replace: bool | None = None  # None: it depends on the anchors
+        if bool(short_present.all()) or not bool(short_present.any()):
+            self.replace = bool(short_present.all())
+        self.by_class = torch.argsort(labels * 1.0, stable=True)  # images grouped by class
+        self.start = torch.cumsum(self.counts, 0) - self.counts
+
+    def __call__(self, gen: torch.Generator, anchors: torch.Tensor) -> torch.Tensor:
+        """``(*anchors.shape, k)`` indices of images of another class than the anchor's."""
+        dev, k = gen.device, self.k
+        flat = self.labels[anchors.to(dev)].reshape(-1)  # the anchors' classes
+        replace = self.replace
+        if replace is None:
+            replace = bool(self.short[flat].any())
+        if not replace:
+            keys = torch.rand((flat.numel(), self.labels.numel()), generator=gen, device=dev)
+            keys = torch.where(self.labels[None, :] == flat[:, None], 2.0, keys)
+            return torch.topk(keys, k, dim=1, largest=False).indices.view(*anchors.shape, k)
+        # the j-th image of another class: rank r in [0, others) mapped past the anchor class
+        r = torch.floor(
+            torch.rand((flat.numel(), k), generator=gen, device=dev) * self.others[flat][:, None]
+        ).long()
+        start = self.start[flat][:, None]
+        pos = torch.where(r >= start, r + self.counts[flat][:, None], r)
+        return self.by_class[pos].view(*anchors.shape, k)
+
+
 def other_class_negatives(
     gen: torch.Generator, labels: torch.Tensor, anchors: torch.Tensor, k: int
 ) -> torch.Tensor:
     """``(*anchors.shape, k)`` indices of images whose class differs from the anchor's.
 
-    Uniform over the other classes' images, with replacement when they number
-    fewer than ``k`` (the official rule); without replacement otherwise.
+    Uniform over the other classes' images, with replacement when some anchor's
+    classes number fewer than ``k`` (the official rule); without replacement otherwise.
     """
-    dev = gen.device
-    labels = labels.to(dev)
-    n = labels.numel()
-    anchor_cls = labels[anchors.to(dev)]
-    others = (labels[None, :] != anchor_cls.reshape(-1, 1)).sum(1)
-    if bool((others < 1).any()):
-        raise ValueError("CRD needs images of at least two classes")
-    replace = bool((others < k).any())
-    flat = anchor_cls.reshape(-1)
-    if replace:
-        # the j-th image of another class: rank r in [0, others) mapped past the anchor class
-        r = torch.floor(
-            torch.rand((flat.numel(), k), generator=gen, device=dev) * others[:, None]
-        ).long()
-    else:
-        keys = torch.rand((flat.numel(), n), generator=gen, device=dev)
-        keys = torch.where(labels[None, :] == flat[:, None], 2.0, keys)
-        return torch.topk(keys, k, dim=1, largest=False).indices.view(*anchors.shape, k)
-    by_class = torch.argsort(labels * 1.0, stable=True)  # images grouped by class
-    counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
-    start = (torch.cumsum(counts, 0) - counts)[flat][:, None]
-    pos = torch.where(r >= start, r + counts[flat][:, None], r)
-    return by_class[pos].view(*anchors.shape, k)
+    return OtherClassNegatives(labels.to(gen.device), k)(gen, anchors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import replace
 
 import pytest
@@ -301,3 +302,66 @@ def test_every_method_trains_one_epoch(digits, teacher, name):
 def test_uses_teacher_flags():
     """Only CE runs without the teacher (the budget accounting above relies on it)."""
     assert [n for n in methods.names() if not methods.get(n).uses_teacher] == ["ce"]
+
+
+# --------------------------------------------------------------------------- host syncs
+#: calls that copy between host and device (a sync on CUDA): Python numbers and lists in
+#: or out of tensors
+HOST_CALLS = {"tensor", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
+#: a module known to make its normalisation constants per batch (two small copies)
+PER_STEP_ELSEWHERE = {"reference_experiments.augment"}
+
+
+class HostCalls(torch.overrides.TorchFunctionMode):
+    """Counts :data:`HOST_CALLS` by the module that made them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_module: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_CALLS:
+            module = sys._getframe(1).f_globals.get("__name__", "?")
+            self.by_module[module] = self.by_module.get(module, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _epoch_host_calls(digits, teacher, method: str, budget: int) -> tuple[int, dict[str, int]]:
+    stack = engine.build_stack(
+        [cfg(method=method, budget=budget, batch_size=8, seed=s) for s in (0, 1)], digits, teacher
+    )
+    runner = stepping.runner_for(stack, stack.active, {})
+    with HostCalls() as calls:
+        engine.run_epoch(stack, runner, stack.active)
+    counts = {m: n for m, n in calls.by_module.items() if m not in PER_STEP_ELSEWHERE}
+    return stack.steps_per_epoch, counts
+
+
+@pytest.mark.parametrize("method", ["kd", "crd", "rkd"])
+def test_an_epoch_copies_between_host_and_device_per_epoch_not_per_step(digits, teacher, method):
+    """Twice the steps, the same host<->device copies: none is made per step (on CUDA
+    each would wait for the device)."""
+    steps_short, short = _epoch_host_calls(digits, teacher, method, budget=60)
+    steps_long, long = _epoch_host_calls(digits, teacher, method, budget=120)
+    assert steps_long >= 2 * steps_short
+    assert long == short
+
+
+# --------------------------------------------------------------------------- deadline
+def test_a_plateau_stack_cut_by_the_deadline_keeps_rows_of_the_capped_runs(
+    digits, teacher, monkeypatch
+):
+    """Cut after 2 epochs: the rows are those of the same configs capped at 2 epochs."""
+    runs = [cfg(preset="paper", max_epochs=None, patience=1, seed=s) for s in (0, 1)]
+    capped = engine.train([replace(r, max_epochs=2) for r in runs], dataset=digits, teacher=teacher)
+    monkeypatch.setattr(engine, "_next_epoch_fits", lambda stack, deadline: stack.epoch < 2)
+    cut = engine.train(runs, dataset=digits, teacher=teacher, deadline=0.0)
+    assert [c for c, _ in cut] == [c for c, _ in capped]
+    assert all(c.max_epochs == 2 and row.epoch_cap == 2 for c, row in cut)
+    assert [run_fields(r) for _, r in cut] == [run_fields(r) for _, r in capped]
+
+
+def test_a_cosine_stack_out_of_time_raises(digits, teacher, monkeypatch):
+    monkeypatch.setattr(engine, "_next_epoch_fits", lambda stack, deadline: stack.epoch < 1)
+    with pytest.raises(engine.OutOfTime, match="fast"):
+        engine.train([cfg(max_epochs=3)], dataset=digits, teacher=teacher, deadline=0.0)
