@@ -97,6 +97,7 @@ def _parser() -> tuple[opts.Parser, dict[str, opts.Parser]]:
     opts.add_device(g)
     opts.add_data_dir(g)
     opts.add_preset(g)
+    opts.add_precision(g)
     g.add_argument("--dataset", default=None, help="override every run's dataset")
     g.add_argument(
         "--max-epochs", type=opts.positive_int, default=None, help="cap every run's epochs"
@@ -121,14 +122,7 @@ def _parser() -> tuple[opts.Parser, dict[str, opts.Parser]]:
     r.add_argument("--targets", default=None, help="comma-separated target accuracies (%%)")
 
     c = add("campaign", "the paper's grids in priority order, time-limited")
-    c.add_argument("--minutes", type=float, required=True, help="end cleanly before this")
-    c.add_argument("--out", required=True, help="rows and teachers go here, at once")
-    opts.add_device(c)
-    opts.add_data_dir(c)
-    c.add_argument(
-        "--stack", type=opts.positive_int, default=32, metavar="N", help="runs per stacked step"
-    )
-    c.add_argument("--dry-run", action="store_true", help="validate the plan, train nothing")
+    opts.add_campaign_arguments(c)
 
     d = add("prepare-data", "build the cifar10-jpeg folder from the official CIFAR-10 archive")
     d.add_argument(
@@ -325,6 +319,7 @@ def _cmd_grid(a: argparse.Namespace) -> int:
         grid.expand(cfg),
         dataset=a.dataset,
         preset=a.preset,
+        precision=a.precision,
         max_epochs=a.max_epochs,
         device=a.device,
         data_dir=a.data_dir,
@@ -394,13 +389,11 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 
 def _cmd_campaign(a: argparse.Namespace) -> int:
-    from .campaign import run_campaign
+    from .campaign import run_from_arguments
 
     if not a.dry_run:
         _writable(Path(a.out) / "campaign.probe", "--out")
-    counts = run_campaign(
-        a.minutes, a.out, device=a.device, data_dir=a.data_dir, stack=a.stack, dry_run=a.dry_run
-    )
+    counts = run_from_arguments(a)
     print(f"campaign: new rows {counts}", file=sys.stderr)
     return 0
 

@@ -16,6 +16,7 @@ generator never syncs.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,18 +27,25 @@ if TYPE_CHECKING:
 __all__ = ["augment", "crop_and_flip", "draw_crops", "normalize", "preprocess_eval"]
 
 
+@functools.cache
+def _scale_shift(
+    mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 / (255 std)`` and ``-mean / std`` on ``device``, made once (no copy per batch)."""
+    mean_t = torch.tensor(mean, dtype=dtype, device=device)
+    std_t = torch.tensor(std, dtype=dtype, device=device)
+    return 1.0 / (255.0 * std_t), -mean_t / std_t
+
+
 def normalize(x_uint8_nhwc: torch.Tensor, dataset: ImageDataset) -> torch.Tensor:
     """uint8 NHWC -> NCHW in the default float dtype, ``(x/255 - mean) / std``
     (channels-last off CPU)."""
     c = x_uint8_nhwc.shape[-1]
     dev = x_uint8_nhwc.device
     dtype = torch.get_default_dtype()
-    mean = torch.tensor(dataset.mean, dtype=dtype, device=dev)
-    std = torch.tensor(dataset.std, dtype=dtype, device=dev)
-    if mean.numel() != c or std.numel() != c:
-        raise ValueError(f"dataset mean/std have {mean.numel()} channels, images have {c}")
-    scale = 1.0 / (255.0 * std)
-    shift = -mean / std
+    if len(dataset.mean) != c or len(dataset.std) != c:
+        raise ValueError(f"dataset mean/std have {len(dataset.mean)} channels, images have {c}")
+    scale, shift = _scale_shift(tuple(dataset.mean), tuple(dataset.std), dtype, dev)
     if dev.type == "cpu":
         # CPU convolutions are faster on contiguous NCHW: transpose the uint8 bytes first.
         x = x_uint8_nhwc.permute(0, 3, 1, 2).contiguous().to(dtype)

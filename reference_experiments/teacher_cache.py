@@ -73,7 +73,7 @@ def query_teacher(
         x = torch.from_numpy(np.ascontiguousarray(x_np)).to(device)
         x = preprocess_eval(x, dataset) if cfg.teacher_view == "clean" else augment(x, dataset, gen)
         x = x.to(next(model.parameters()).dtype)
-        with autocast(device):
+        with autocast(device, cfg.precision):
             logits, feats = model(x, return_features=True)
         out = {"logits": logits.float().cpu().numpy()}
         for i in features:
