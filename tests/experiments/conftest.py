@@ -44,3 +44,23 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     if SKIPPED:
         return f"tests/experiments not collected: {SKIPPED}"
     return None
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's digits as an ``ImageDataset`` (the tests' small real data set)."""
+    from reference_experiments.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """An untrained, seeded ``digits_cnn`` teacher in eval mode, with empty metadata."""
+    import torch
+
+    from reference_experiments.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        return create_model("digits_cnn", 10, 1).eval(), {}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 
 from reference_experiments import __main__ as cli
 from reference_experiments import cli_options, data, engine, methods, models
@@ -26,15 +27,6 @@ COMMANDS = tuple(cli.COMMANDS)
 STUDENT = ["student", "--dataset", "digits", "--student-arch", "digits_mlp", "--method", "ce",
            "--budget", "40", "--device", "cpu", "--preset", "fast",
            "--max-epochs", "1"]  # fmt: skip
-
-
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse: --help and usage errors
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _one_line_error(rc: int, err: str) -> str:
@@ -108,27 +100,27 @@ def test_shared_options_have_one_help_text(option):
     ],
 )
 def test_student_option_mistakes(args, match, capsys, no_training):
-    rc, out, err = _cli([*STUDENT, *args], capsys)
+    rc, out, err = run_cli([*STUDENT, *args], capsys)
     assert re.fullmatch("error: " + match + ".*", _one_line_error(rc, err)) and not out
 
 
 def test_threads_before_or_after_the_subcommand(capsys, no_training):
     for argv in (["--threads", "-1", *STUDENT], [*STUDENT, "--threads", "-1"]):
-        rc, _, err = _cli(argv, capsys)
+        rc, _, err = run_cli(argv, capsys)
         assert _one_line_error(rc, err).startswith("error: argument --threads: must be")
 
 
 def test_typo_in_a_global_option(capsys):
-    rc, _, err = _cli(["--debgu", "report", "x.jsonl"], capsys)
+    rc, _, err = run_cli(["--debgu", "report", "x.jsonl"], capsys)
     assert _one_line_error(rc, err) == "error: unrecognized option --debgu; did you mean --debug?"
 
 
 def test_unknown_dataset_same_line_for_teacher_and_student(tmp_path, capsys, no_training):
     args = ["--dataset", "nope"]
-    rc, _, student = _cli([*STUDENT, *args], capsys)
+    rc, _, student = run_cli([*STUDENT, *args], capsys)
     student = _one_line_error(rc, student)
     teacher = ["train-teacher", "--arch", "digits_cnn", "--epochs", "1", "--out", str(tmp_path)]
-    rc, _, err = _cli([*teacher, *args], capsys)
+    rc, _, err = run_cli([*teacher, *args], capsys)
     assert _one_line_error(rc, err) == student
     assert student.startswith("error: unknown dataset 'nope'; choose from cifar100")
 
@@ -138,10 +130,10 @@ def test_train_teacher_missing_data(tmp_path, capsys, no_training):
     empty.mkdir()
     argv = ["train-teacher", "--arch", "wrn_16_2", "--dataset", "cifar10-jpeg", "--epochs", "1",
             "--out", str(tmp_path / "t"), "--device", "cpu", "--data-dir", str(empty)]  # fmt: skip
-    line = _one_line_error(*_cli(argv, capsys)[::2])
+    line = _one_line_error(*run_cli(argv, capsys)[::2])
     assert "cifar10-jpeg not found in " + str(empty) in line and "prepare-data" in line
     missing = tmp_path / "nowhere"
-    line = _one_line_error(*_cli([*argv[:-1], str(missing)], capsys)[::2])
+    line = _one_line_error(*run_cli([*argv[:-1], str(missing)], capsys)[::2])
     assert f"--data-dir {missing} does not exist" in line
 
 
@@ -193,7 +185,7 @@ def test_report_on_missing_or_malformed_results(tmp_path, capsys, content, match
     path = tmp_path / "rows.jsonl"
     if content is not None:
         path.write_text(content)
-    rc, out, err = _cli(["report", str(path)], capsys)
+    rc, out, err = run_cli(["report", str(path)], capsys)
     assert re.fullmatch(match, _one_line_error(rc, err)) and not out
     assert not (tmp_path / "report").exists()
 
@@ -208,7 +200,7 @@ def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, capsys):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_unwritable_results_path_refused_before_training(capsys, no_training):
     """/proc refuses new files even to root (a chmod'ed folder would not)."""
-    rc, out, err = _cli([*STUDENT, "--results", "/proc/ckd/rows.jsonl"], capsys)
+    rc, out, err = run_cli([*STUDENT, "--results", "/proc/ckd/rows.jsonl"], capsys)
     assert "error: results path /proc/ckd/rows.jsonl: cannot" in _one_line_error(rc, err)
 
 
@@ -218,7 +210,7 @@ def test_read_only_results_folder_refused_before_training(tmp_path, capsys, no_t
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        rc, _, err = _cli([*STUDENT, "--results", str(folder / "rows.jsonl")], capsys)
+        rc, _, err = run_cli([*STUDENT, "--results", str(folder / "rows.jsonl")], capsys)
     finally:
         folder.chmod(0o755)
     assert "cannot write in" in _one_line_error(rc, err)
@@ -238,7 +230,7 @@ def test_mistake_in_a_fresh_interpreter_prints_one_line():
 
 # ------------------------------------------------------------------ good runs
 def test_student_ends_with_a_readable_line(tmp_path, capsys):
-    rc, out, err = _cli([*STUDENT, "--results", str(tmp_path / "rows.jsonl")], capsys)
+    rc, out, err = run_cli([*STUDENT, "--results", str(tmp_path / "rows.jsonl")], capsys)
     assert rc == 0
     row = json.loads(out)
     assert row["environment"]["torch"] == torch.__version__
@@ -265,10 +257,10 @@ def test_grid_dry_run_creates_nothing_and_checks_data(tmp_path, capsys, monkeypa
         '[[runs]]\npairs = [["cnn", "digits_mlp"]]\nmethods = ["ce", "kd"]\nbudgets = [60]\n'
     )
     before = _tree(tmp_path)
-    rc, out, err = _cli(["grid", str(config), "--dry-run"], capsys)
+    rc, out, err = run_cli(["grid", str(config), "--dry-run"], capsys)
     assert rc == 0 and _tree(tmp_path) == before
     assert len(out.splitlines()) == 2 and "teacher cnn@" in err and "to train (1 epochs)" in err
-    rc, _, err = _cli(["grid", str(config), "--dry-run", "--dataset", "cifar10-jpeg",
+    rc, _, err = run_cli(["grid", str(config), "--dry-run", "--dataset", "cifar10-jpeg",
                        "--data-dir", str(tmp_path)], capsys)  # fmt: skip
     assert "dataset cifar10-jpeg not found in" in _one_line_error(rc, err)
     assert _tree(tmp_path) == before
@@ -282,7 +274,7 @@ def test_grid_dry_run_names_a_missing_teacher_file(tmp_path, capsys):
         f'[teachers.cnn]\narch = "digits_cnn"\npath = "{tmp_path}/gone.safetensors"\n'
         '[[runs]]\npairs = [["cnn", "digits_mlp"]]\nmethods = ["kd"]\nbudgets = [60]\n'
     )
-    rc, _, err = _cli(["grid", str(config), "--dry-run"], capsys)
+    rc, _, err = run_cli(["grid", str(config), "--dry-run"], capsys)
     assert "gone.safetensors not found" in _one_line_error(rc, err)
 
 
@@ -311,7 +303,7 @@ def test_prepare_data_builds_a_loadable_cifar10_jpeg(tmp_path, capsys, monkeypat
     monkeypatch.setenv("CKD_CACHE_DIR", str(tmp_path / "cache"))
     folder, _ = _official_cifar10(tmp_path / "official", monkeypatch)
     argv = ["prepare-data", "--source", str(folder), "--data-dir", str(tmp_path / "d")]
-    rc, out, _ = _cli(argv, capsys)
+    rc, out, _ = run_cli(argv, capsys)
     assert rc == 0 and "--dataset cifar10-jpeg" in out and str(tmp_path / "cache") in out
     ds = data.load_dataset("cifar10-jpeg", tmp_path / "d")
     official = data.load_dataset("cifar10", folder.parent)
@@ -326,6 +318,6 @@ def test_prepare_data_refuses_an_archive_with_other_md5s(tmp_path, capsys, monke
     folder, _ = _official_cifar10(tmp_path / "official", monkeypatch)
     (folder / "test_batch").write_bytes(b"changed")
     argv = ["prepare-data", "--source", str(folder), "--data-dir", str(tmp_path)]
-    rc, _, err = _cli(argv, capsys)
+    rc, _, err = run_cli(argv, capsys)
     assert "md5" in _one_line_error(rc, err)
     assert not (tmp_path / "cifar10-jpeg" / "cifar10-jpeg.tar.xz").exists()

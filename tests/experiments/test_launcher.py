@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 
-from reference_experiments import __main__ as cli
 from reference_experiments import grid, launcher
 from reference_experiments.result_files import finished_run_ids, job_parts_dir, result_files
 from reference_experiments.rows import append_row, read_rows
@@ -41,15 +41,6 @@ def _config(tmp_path: Path, seeds: list[int]) -> Path:
     return path
 
 
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse: --help and usage errors
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def test_submitit_local_job_array_is_resumable_and_reported(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the jobs are fresh interpreters: they import this tree, one thread each
@@ -60,7 +51,7 @@ def test_submitit_local_job_array_is_resumable_and_reported(tmp_path, capsys, mo
     submit = ["--launcher", "submitit", "--submitit-cluster", "local", "--wait", "--stack", "1",
               "--gpus-per-job", "2", "--device", "cpu", "--results", str(results),
               "--no-progress"]  # fmt: skip
-    rc, _, err = _cli(["grid", str(_config(tmp_path, [0, 1, 2])), *submit], capsys)
+    rc, _, err = run_cli(["grid", str(_config(tmp_path, [0, 1, 2])), *submit], capsys)
     assert rc == 0, err
     assert "3 to run in 2 jobs" in err and "submitted 2 jobs" in err
     parts = sorted(job_parts_dir(results).glob("*.jsonl"))
@@ -71,21 +62,21 @@ def test_submitit_local_job_array_is_resumable_and_reported(tmp_path, capsys, mo
     assert (tmp_path / "out" / "submitit").is_dir()  # submitit's logs beside the results
 
     # re-submitting skips finished runs: nothing, then only the new seed
-    rc, _, err = _cli(["grid", str(_config(tmp_path, [0, 1, 2])), *submit], capsys)
+    rc, _, err = run_cli(["grid", str(_config(tmp_path, [0, 1, 2])), *submit], capsys)
     assert rc == 0 and "0 to run in 0 jobs" in err and "submitted" not in err
-    rc, _, err = _cli(["grid", str(_config(tmp_path, [0, 1, 2, 3])), *submit], capsys)
+    rc, _, err = run_cli(["grid", str(_config(tmp_path, [0, 1, 2, 3])), *submit], capsys)
     assert rc == 0 and "3 done, 1 to run in 1 jobs" in err, err
     assert len(result_files([tmp_path / "out"])) == 4
     # the local launcher and the dry run see the cluster's rows as finished
-    rc, out, _ = _cli(["grid", str(_config(tmp_path, [0, 1, 2, 3])), "--dry-run",
+    rc, out, _ = run_cli(["grid", str(_config(tmp_path, [0, 1, 2, 3])), "--dry-run",
                        "--results", str(results)], capsys)  # fmt: skip
     assert rc == 0 and [line.split()[1] for line in out.splitlines()] == ["done"] * 4
 
     # the report reads the folder (and a glob) of per-job files
-    rc, out, _ = _cli(["report", str(tmp_path / "out")], capsys)
+    rc, out, _ = run_cli(["report", str(tmp_path / "out")], capsys)
     assert rc == 0 and "Source: " in out and ": 4 rows;" in out
     assert (tmp_path / "out" / "report" / "report.md").is_file()
-    rc, out, _ = _cli(["report", str(job_parts_dir(results) / "stack-*.jsonl"),
+    rc, out, _ = run_cli(["report", str(job_parts_dir(results) / "stack-*.jsonl"),
                        "--out", str(tmp_path / "rep")], capsys)  # fmt: skip
     assert rc == 0 and ": 4 rows;" in out
 
@@ -116,12 +107,12 @@ def test_plan_jobs_packs_pending_stacks_per_gpu(tmp_path):
 )
 def test_local_launcher_rejects_cluster_options(tmp_path, capsys, monkeypatch, argv, match):
     monkeypatch.chdir(tmp_path)
-    rc, _, err = _cli(["grid", str(_config(tmp_path, [0])), *argv, "--no-progress"], capsys)
+    rc, _, err = run_cli(["grid", str(_config(tmp_path, [0])), *argv, "--no-progress"], capsys)
     assert rc == 2 and match in err
 
 
 def test_grid_help_documents_the_submitit_launcher(capsys):
-    rc, out, _ = _cli(["grid", "--help"], capsys)
+    rc, out, _ = run_cli(["grid", "--help"], capsys)
     assert rc == 0
     for option in ("--launcher {local,submitit}", "--slurm-partition", "--gpus-per-job",
                    "--time-limit", "--array-parallelism", "--submitit-folder"):  # fmt: skip

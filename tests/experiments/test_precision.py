@@ -16,26 +16,11 @@ import torch
 
 from reference_experiments import devices, engine, methods
 from reference_experiments.config import RunConfig
-from reference_experiments.data import load_dataset
-from reference_experiments.models import create_model
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
 #: Table 1's kinds of step: labels only, logits, pairs (two passes), relations, contrast
 STACKED_METHODS = ("ce", "kd", "ckd_pn2", "rkd", "crd")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        model = create_model("digits_cnn", 10, 1)
-    return model.eval(), {}
 
 
 @pytest.fixture

@@ -10,22 +10,8 @@ import torch
 
 from reference_experiments import devices, preflight, stack
 from reference_experiments.config import RunConfig
-from reference_experiments.data import load_dataset
-from reference_experiments.models import create_model
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        return create_model("digits_cnn", 10, 1).eval(), {}
 
 
 @pytest.fixture

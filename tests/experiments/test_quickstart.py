@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_cli
 
 from reference_experiments import __main__ as cli
 from reference_experiments import engine, grid, methods, quickstart, report
@@ -120,24 +121,17 @@ def test_committed_quickstart_report_reproduces(tmp_path):
 
 
 # ------------------------------------------------------------------ command line
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:  # argparse: --help and usage errors
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_cli_help(capsys):
-    rc, out, _ = _cli(["--help"], capsys)
+    rc, out, _ = run_cli(["--help"], capsys)
     assert rc == 0
     for cmd in ("train-teacher", "student", "grid", "report", "quickstart"):
         assert cmd in out
 
 
 def test_student_help_lists_every_method(capsys):
-    rc, out, _ = _cli(["student", "--help"], capsys)
+    rc, out, _ = run_cli(["student", "--help"], capsys)
     assert rc == 0
     described = methods.describe()
     assert set(described) == set(methods.names()) and len(described) >= 20
@@ -175,14 +169,14 @@ def test_student_user_errors(tmp_path, capsys, monkeypatch, args, match):
             "--budget": "100", "--device": "cpu"}  # fmt: skip
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
     monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("must not train"))
-    rc, out, err = _cli(["student", *[x for kv in base.items() for x in kv]], capsys)
+    rc, out, err = run_cli(["student", *[x for kv in base.items() for x in kv]], capsys)
     assert rc == 2 and not out
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.match(match, lines[0]), err
 
 
 def test_student_unknown_method_lists_every_method(capsys):
-    rc, _, err = _cli(["student", "--dataset", "digits", "--student-arch", "digits_mlp",
+    rc, _, err = run_cli(["student", "--dataset", "digits", "--student-arch", "digits_mlp",
                        "--method", "nope", "--budget", "100"], capsys)  # fmt: skip
     assert rc == 2
     for name in methods.names():
@@ -216,7 +210,7 @@ def test_student_errors_found_while_loading(tmp_path, capsys, monkeypatch, args,
     base = {"--dataset": "digits", "--student-arch": "digits_mlp", "--method": "ce",
             "--budget": "100", "--device": "cpu"}  # fmt: skip
     base.update(dict(zip(args[::2], args[1::2], strict=True)))
-    rc, out, err = _cli(["student", *[x for kv in base.items() for x in kv]], capsys)
+    rc, out, err = run_cli(["student", *[x for kv in base.items() for x in kv]], capsys)
     assert rc == 2 and not out
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.match(match, lines[0]), err
