@@ -7,7 +7,7 @@
 # The machine has python3 with torch (CUDA), safetensors, tqdm, matplotlib, scikit-learn
 # but no keras: the keras, namex and optree wheels for Python 3.12 travel in .gpu_wheels/
 # and are installed with --no-index --target into a temporary folder on PYTHONPATH (never
-# into the image's environment). `python3 -m reference_experiments.carry --plan cifar`
+# into the image's environment). `python3 -m reference_experiments.carry prepare --plan cifar`
 # fills the carried folders (.gpu_wheels/, .gpu_data/, .gpu_teachers/, .gpu_rows/) and
 # prints the `carry` list. What comes back under $OUT (at most 8 files): log, rows.jsonl,
 # failures.jsonl and the teachers trained in this window (<key>/<files>).
