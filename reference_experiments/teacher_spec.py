@@ -6,14 +6,14 @@ the ``train-teacher`` options (:func:`add_teacher_arguments` /
 table (:data:`GRID_TEACHER_KEYS`, :meth:`TeacherSpec.from_grid`) and the
 teacher's metadata (:meth:`TeacherSpec.metadata`). A *recipe* gives every value
 the user leaves out (explicit values win): ``fast`` (the default; a per-step
-cosine, bf16 on CUDA, epochs required) or ``repdistiller`` (RepDistiller's
+cosine, float32, epochs required) or ``repdistiller`` (RepDistiller's
 ``train_teacher.py``: 240 epochs, lr 0.05 x0.1 at epochs 150/180/210, batch 64,
 float32). The optimiser's momentum and weight decay come from the ``preset``.
 Importing this module does not import torch (the CLI's ``--help`` stays fast).
 
 >>> spec = TeacherSpec.from_grid({"arch": "digits_cnn", "train_epochs": 15}, "digits")
 >>> spec.epochs, spec.seed, spec.momentum, spec.weight_decay, spec.precision
-(15, 0, 0.9, 0.0005, 'bf16')
+(15, 0, 0.9, 0.0005, 'fp32')
 >>> TeacherSpec("vgg13", "cifar100", recipe="repdistiller").lr_milestones
 (150, 180, 210)
 """
@@ -72,7 +72,7 @@ RECIPES: dict[str, Recipe] = {
         lr=0.05,
         label_smoothing=0.0,
         warmup_epochs=0.0,
-        precision="bf16",
+        precision="fp32",
     ),
     "repdistiller": Recipe(
         epochs=240,
