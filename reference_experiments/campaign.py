@@ -172,32 +172,17 @@ def _pending(step: Step, cfg: Mapping[str, Any], done: set[str], over: dict) -> 
     return [r for r in runs if r.run_id() not in done]
 
 
-class StackTrainer:
+class StackTrainer(grid.LastLoaded):
     """Trains a stack with the engine (deadline, per-epoch log); a CUDA out-of-memory
     stack is retried as two halves."""
 
     def __init__(self, device: str | None, log: Log) -> None:
+        super().__init__()
         self.device, self.log = device, log
-        self._dataset: tuple[tuple[str, str | None], Any] | None = None
-        self._teacher: tuple[str, Any] | None = None
 
-    def dataset(self, run: RunConfig) -> Any:
-        from .data import load_dataset
-
-        key = (run.dataset, run.data_dir)
-        if self._dataset is None or self._dataset[0] != key:
-            self._dataset = (key, load_dataset(run.dataset, run.data_dir))
-        return self._dataset[1]
-
-    def teacher(self, run: RunConfig) -> Any:
-        from .devices import resolve_device
-        from .teacher import load_teacher
-
-        if not run.teacher:
-            return None
-        if self._teacher is None or self._teacher[0] != run.teacher:
-            self._teacher = (run.teacher, load_teacher(run.teacher, resolve_device(run.device)))
-        return self._teacher[1]
+    def run_teacher(self, run: RunConfig) -> Any:
+        """``run``'s teacher, None for a run without one."""
+        return self.teacher(run.teacher, run.device) if run.teacher else None
 
     def __call__(self, chunk: Sequence[RunConfig], deadline: float) -> list[tuple[RunConfig, Any]]:
         import torch
@@ -208,7 +193,7 @@ class StackTrainer:
             return engine.train(
                 chunk,
                 dataset=self.dataset(chunk[0]),
-                teacher=self.teacher(chunk[0]),
+                teacher=self.run_teacher(chunk[0]),
                 log=self.log,
                 deadline=deadline,
             )
@@ -240,7 +225,7 @@ class Campaign:
         trials = len(chunk) * len(chunk[0].lrs)
         key = timing_key(chunk[0], trials)
         if key not in self.guard.timings:
-            ds, teacher = self.trainer.dataset(chunk[0]), self.trainer.teacher(chunk[0])
+            ds, teacher = self.trainer.dataset(chunk[0]), self.trainer.run_teacher(chunk[0])
             self.guard.timings[key] = measure_stack(chunk, ds, teacher)
             self.log(
                 f"campaign: measured {key}: {1e3 * self.guard.timings[key].step_s:.1f} ms/step"

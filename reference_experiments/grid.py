@@ -292,7 +292,34 @@ def run_grid(
     return counts
 
 
-class Runner:
+class LastLoaded:
+    """The data set and the teacher of the last stack, kept while the next stacks use
+    the same ones (stacks come grouped by data set and teacher)."""
+
+    def __init__(self) -> None:
+        self._dataset: tuple[tuple[str, str | None], Any] | None = None
+        self._teacher: tuple[str, Any] | None = None
+
+    def dataset(self, run: RunConfig) -> Any:
+        """``run``'s data set (``load_dataset``)."""
+        from .data import load_dataset
+
+        key = (run.dataset, run.data_dir)
+        if self._dataset is None or self._dataset[0] != key:
+            self._dataset = (key, load_dataset(run.dataset, run.data_dir))
+        return self._dataset[1]
+
+    def teacher(self, path: str | Path, device: str | None) -> Any:
+        """The teacher saved at ``path`` (``load_teacher``: model and metadata)."""
+        from .devices import resolve_device
+        from .teacher import load_teacher
+
+        if self._teacher is None or self._teacher[0] != str(path):
+            self._teacher = (str(path), load_teacher(path, resolve_device(device)))
+        return self._teacher[1]
+
+
+class Runner(LastLoaded):
     """The grid's :data:`Trainer`: loads each dataset and teacher once, fills in the
     teacher file of every run, and trains a stack with :func:`engine.train`."""
 
@@ -303,24 +330,13 @@ class Runner:
         teachers: Sequence[Path] = (),
         log: Callable[[str], None] | None = None,
     ):
+        super().__init__()
         self.cfg = cfg
         self.teachers = teachers
         self.log = log
-        self._dataset: tuple[tuple[str, str | None], Any] | None = None
-        self._teacher: tuple[Path, Any] | None = None
-
-    def dataset(self, run: RunConfig) -> Any:
-        from .data import load_dataset
-
-        key = (run.dataset, run.data_dir)
-        if self._dataset is None or self._dataset[0] != key:
-            self._dataset = (key, load_dataset(run.dataset, run.data_dir))
-        return self._dataset[1]
 
     def __call__(self, chunk: Sequence[RunConfig]) -> list[tuple[RunConfig, ResultRow]]:
         from . import engine, methods
-        from .devices import resolve_device
-        from .teacher import load_teacher
 
         run = chunk[0]
         ds = self.dataset(run)
@@ -330,9 +346,7 @@ class Runner:
             if path is None:
                 teachers = Teachers(self.cfg, device=run.device, search=self.teachers)
                 path = teachers.path(run, ds)
-            if self._teacher is None or self._teacher[0] != path:
-                self._teacher = (path, load_teacher(path, resolve_device(run.device)))
-            teacher = self._teacher[1]
+            teacher = self.teacher(path, run.device)
             chunk = [replace(r, teacher=str(path)) for r in chunk]
         return engine.train(chunk, dataset=ds, teacher=teacher, log=self.log)
 

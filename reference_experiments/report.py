@@ -8,13 +8,8 @@ skipped and counted; rows differing only in the config ``lr`` are reduced with
 ("CKD (best on val)"). Method order, labels and "ours" come from the registry.
 Table 1: calls to reach target accuracies; Table 2: accuracy per budget; figures:
 accuracy vs calls (Fig. 2/3), RKD vs RKD_d (Fig. 4), within-class spectra (Fig. 5).
-
->>> interpolate_calls([(100, 40.0), (200, 50.0), (400, 60.0)], 55.0)
-(300.0, False)
->>> interpolate_calls([(100, 40.0), (200, 50.0)], 70.0)
-(None, False)
->>> interpolate_calls([(100, 40.0), (200, 50.0)], 35.0)
-(100.0, True)
+The row logic (with examples) is in :mod:`.report_rows`, tables in
+:mod:`.report_tables`, figures in :mod:`.report_figures`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reference_experiments import report
+from reference_experiments import report, report_rows
 from reference_experiments.config import RunConfig
 from reference_experiments.datasets import DATASETS
 from reference_experiments.rows import ResultRow, append_row
@@ -106,7 +106,8 @@ def write(path: Path, rows) -> Path:
 
 
 def test_interpolate_calls():
-    assert doctest.testmod(report).failed == 0
+    result = doctest.testmod(report_rows)
+    assert result.attempted > 0 and result.failed == 0
     pts = [(80, 45.0), (160, 55.0), (320, 65.0)]
     assert report.interpolate_calls(pts, 52.0) == (pytest.approx(136.0), False)
     assert report.interpolate_calls(pts, 55.0) == (pytest.approx(160.0), False)
