@@ -98,7 +98,7 @@ class Teachers:
         folder = run.teacher_key.replace("@", "_")
         for d in [*self.dirs, self.work]:
             if (d / folder).is_dir():
-                found = find_teacher(d / folder) or _one_file_teacher(d / folder)
+                found = find_teacher(d / folder)
                 if found is not None:
                     return found
         return None
@@ -136,14 +136,6 @@ class Teachers:
             return None
         self.window.publish(folder, _returned_files(self.work / folder), self.log)
         return path
-
-
-def _one_file_teacher(folder: Path) -> Path | None:
-    """A returned one-file teacher (its JSON is rebuilt from the header on load)."""
-    found = sorted(
-        p for p in folder.glob("*.safetensors") if ".resume" not in p.name and "-of-" not in p.name
-    )
-    return found[0] if found else None
 
 
 def _returned_files(folder: Path) -> list[Path]:

@@ -111,11 +111,11 @@ def test_a_window_then_the_next_reuses_its_teacher(tmp_path, monkeypatch):
         if p.parent == shards[0].parent:
             (carried / p).write_bytes((out / p).read_bytes())
     from reference_experiments.teacher import load_teacher
+    from reference_experiments.teacher_files import find_teacher
 
-    (model, meta), (ref, _) = (
-        load_teacher(campaign_window._one_file_teacher(d) or next(d.glob("*.json")))
-        for d in (carried / shards[0].parent, out / shards[0].parent)
-    )
+    found = [find_teacher(d) for d in (carried / shards[0].parent, out / shards[0].parent)]
+    assert None not in found
+    (model, meta), (ref, _) = (load_teacher(p) for p in found)
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(model(x), ref(x)) and meta["arch"] == "digits_cnn"
     (out / "rows.jsonl").unlink()
